@@ -1,0 +1,40 @@
+# eagleray developer entry points. `make test` is what CI runs (.ci/run).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install run test lint demo bench clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip >/dev/null
+	# Without CUDA, take the CPU wheel first so nothing pulls a multi-GB CUDA build.
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install "torch==2.13.0"; fi
+	$(PY) -m pip install -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m jobs.build_demo
+
+run: $(STAMP)
+	$(PY) -m jobs.build_demo
+	$(PY) -m jobs.bench --quick
+
+bench: $(STAMP)
+	$(PY) -m jobs.bench --json outputs/bench.json
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/codespell
+
+test: lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) outputs

@@ -1,0 +1,120 @@
+"""The target model as the engine uses it: a stock Hugging Face causal LM, driven with a 4D additive mask.
+
+It runs the backbone (for the post-norm features EAGLE drafts from) and applies the lm_head only where logits are
+needed; it compacts the KV cache to the accepted path. It does not draft, verify or sample.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+# Architectures whose attention takes a custom 4D additive mask plus explicit position_ids and whose
+# tree-node logits are tested to match linear decoding (tests/test_engine_identity.py).
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+MASKABLE_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class TargetOutput:
+    """logits [B, Q, V] for the requested positions; features [B, Q, H], the post-norm last hidden states."""
+
+    logits: torch.Tensor
+    features: torch.Tensor
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    """Raise ValueError unless the engine can drive `model` losslessly."""
+    config = model.config
+    model_type = getattr(config, "model_type", type(model).__name__)
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(
+            f"target {model_type!r} is an encoder-decoder model; only decoder-only causal LMs are supported"
+        )
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"target architecture {model_type!r} is not supported; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    attention = getattr(config, "_attn_implementation", None) or "eager"
+    if attention not in MASKABLE_ATTENTION:
+        raise ValueError(
+            f"target attention {attention!r} cannot take a tree mask; load it with attn_implementation='sdpa'"
+        )
+    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+        raise ValueError(
+            f"target {model_type!r} uses sliding-window attention, which the tree mask does not model"
+        )
+
+
+class TargetModel:
+    """Holds a stock HF causal LM and its KV cache for one generation."""
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        check_supported(model)
+        self.model = model
+        self.backbone = model.base_model
+        self.lm_head = model.get_output_embeddings()
+        self.config = model.config
+        # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version takes.
+        parameters = inspect.signature(self.backbone.forward).parameters
+        self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def context_limit(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 2048))
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache(config=self.config)
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, cache: DynamicCache) -> TargetOutput:
+        """Run the prompt [B, T]. Returns logits for the last position only [B, 1, V] and all features [B, T, H]."""
+        hidden = self.backbone(
+            input_ids=input_ids, use_cache=True, **{self.cache_argument: cache}
+        ).last_hidden_state
+        return TargetOutput(logits=self.lm_head(hidden[:, -1:]).float(), features=hidden)
+
+    @torch.inference_mode()
+    def forward_tree(
+        self, token_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache
+    ) -> TargetOutput:
+        """Score tree nodes [B, Q] at `position_ids` [B, Q] under the additive 4D `mask` [B, 1, Q, past + Q]."""
+        hidden = self.backbone(
+            input_ids=token_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self.cache_argument: cache},
+        ).last_hidden_state
+        return TargetOutput(logits=self.lm_head(hidden).float(), features=hidden)
+
+    @staticmethod
+    def keep_accepted(cache: DynamicCache, prefix_length: int, node_indices: torch.Tensor) -> None:
+        """Keep the cache's first `prefix_length` positions plus the accepted tree nodes, in path order.
+
+        Example: prefix_length=5, tree nodes at cache slots 5..9, accepted nodes [0, 2, 3]
+        -> slots 5, 7, 8 move to 5, 6, 7 and the cache is cut to length 8.
+        """
+        num_kept = node_indices.shape[0]
+        slots = node_indices + prefix_length
+        for layer in cache.layers:
+            # In place: gather the accepted slots into the front of the tree region, then cut (a view, no copy).
+            layer.keys[:, :, prefix_length : prefix_length + num_kept] = layer.keys[:, :, slots]
+            layer.values[:, :, prefix_length : prefix_length + num_kept] = layer.values[:, :, slots]
+            layer.keys = layer.keys[:, :, : prefix_length + num_kept]
+            layer.values = layer.values[:, :, : prefix_length + num_kept]
+
+    @staticmethod
+    def cache_length(cache: DynamicCache) -> int:
+        return cache.get_seq_length()
