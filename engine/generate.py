@@ -151,9 +151,14 @@ def generate_speculative(
     )
     steps: list[StepStats] = []
     last_step = None
+    vocab_size = target.lm_head.out_features
     while finish is None:
         state = DecodingState(len(steps), prompt_length, len(output) - prompt_length, len(output), last_step)
         params = controller.decide(state)
+        if params.top_k > vocab_size:
+            raise ValueError(
+                f"TreeParams.top_k={params.top_k} exceeds the target's vocabulary of {vocab_size}"
+            )
 
         draft_started = _clock(target.device)
         drafted = drafter.draft(pending, params)

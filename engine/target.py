@@ -43,9 +43,12 @@ def check_supported(model: PreTrainedModel) -> None:
         raise ValueError(
             f"target attention {attention!r} cannot take a tree mask; load it with attn_implementation='sdpa'"
         )
-    if getattr(config, "use_sliding_window", False) and getattr(config, "sliding_window", None):
+    window = getattr(config, "sliding_window", None)
+    uses_window = getattr(config, "use_sliding_window", True)  # Mistral has no flag: a set window is used
+    if window and uses_window and window < getattr(config, "max_position_embeddings", window + 1):
         raise ValueError(
-            f"target {model_type!r} uses sliding-window attention, which the tree mask does not model"
+            f"target {model_type!r} uses sliding-window attention (window {window}), which tree verification "
+            "does not model; use a checkpoint without a sliding window"
         )
 
 
@@ -100,6 +103,7 @@ class TargetModel:
         return TargetOutput(logits=self.lm_head(hidden).float(), features=hidden)
 
     @staticmethod
+    @torch.inference_mode()
     def keep_accepted(cache: DynamicCache, prefix_length: int, node_indices: torch.Tensor) -> None:
         """Keep the cache's first `prefix_length` positions plus the accepted tree nodes, in path order.
 

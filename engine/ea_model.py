@@ -1,0 +1,142 @@
+"""`EaModel`: the official EAGLE entry points (`from_pretrained`, `eagenerate`, `naivegenerate`,
+`get_tokenizer`) over eagleray's engine, so EAGLE users can switch without changing code.
+
+Only the facade lives here; the loop is `generate.py`. Unlike the official class, the tree shape is a value
+passed per call (`tree_params=` or `rl_policy=`), never mutated model state.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from engine.draft_head import DraftHead
+from engine.generate import Controller, generate_plain, generate_speculative
+from engine.target import TargetModel
+from engine.types import GenerationOutput, SamplingParams, TreeParams
+
+
+class EaModel(torch.nn.Module):
+    """A target model plus its EAGLE draft head."""
+
+    def __init__(
+        self,
+        base_model: PreTrainedModel,
+        ea_layer: DraftHead,
+        tree_params: TreeParams,
+        tokenizer=None,
+        base_model_name_or_path: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.ea_layer = ea_layer
+        self.target = TargetModel(base_model)
+        self.tree_params = tree_params
+        self.tokenizer = tokenizer
+        self.base_model_name_or_path = base_model_name_or_path
+        self.last_output: GenerationOutput | None = None
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model_path: str | None = None,
+        ea_model_path: str | None = None,
+        total_token: int = 60,
+        depth: int = 5,
+        top_k: int = 10,
+        **hf_kwargs,
+    ) -> EaModel:
+        """Load a target with AutoModelForCausalLM and an EAGLE-1/2 head from a folder in the official layout."""
+        if base_model_path is None or ea_model_path is None:
+            raise ValueError("EaModel.from_pretrained needs base_model_path= and ea_model_path=")
+        for name, path in (("base_model_path", base_model_path), ("ea_model_path", ea_model_path)):
+            if not os.path.isdir(path):
+                raise ValueError(f"{name} {path!r} is not a folder (models load from local folders here)")
+        tree_params = TreeParams(total_token, depth, top_k)
+        hf_kwargs.setdefault("attn_implementation", "sdpa")
+        hf_kwargs.setdefault("trust_remote_code", False)
+        base_model = AutoModelForCausalLM.from_pretrained(base_model_path, **hf_kwargs).eval()
+        TargetModel(base_model)  # refuse unsupported targets with a clear error
+        embeddings = base_model.get_input_embeddings().weight
+        head = DraftHead.from_pretrained(ea_model_path, target_embeddings=embeddings.float().cpu())
+        head = head.to(device=base_model.device, dtype=base_model.dtype)
+        if head.config.hidden_size != base_model.config.hidden_size:
+            raise ValueError(
+                f"draft head hidden_size {head.config.hidden_size} != target hidden_size {base_model.config.hidden_size}"
+            )
+        tokenizer = None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(base_model_path)
+        except (OSError, ValueError):
+            tokenizer = None  # a target without a tokenizer still generates from ids
+        return cls(base_model, head, tree_params, tokenizer, base_model_path)
+
+    def get_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(f"no tokenizer was found beside the base model {self.base_model_name_or_path!r}")
+        return self.tokenizer
+
+    def _sampling(self, temperature: float, top_p: float, top_k: float) -> SamplingParams:
+        return SamplingParams(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k))
+
+    def eagenerate(
+        self,
+        input_ids: torch.Tensor,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: float = 0.0,
+        max_new_tokens: int = 512,
+        max_length: int = 2048,
+        log: bool = False,
+        is_llama3: bool = False,
+        rl_policy: Controller | None = None,
+        tree_params: TreeParams | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        """Speculative generation. Returns ids [1, prompt + new]; with log=True, (ids, new_tokens, steps) as the
+        official one does. `rl_policy` (a Controller) or `tree_params` override the tree shape for this call."""
+        del is_llama3  # the official flag adds <|eot_id|> as a stop; here eos comes from the model config
+        controller = rl_policy or tree_params or self.tree_params
+        output = generate_speculative(
+            self.target,
+            self.ea_layer,
+            input_ids,
+            controller,
+            sampling=self._sampling(temperature, top_p, top_k),
+            max_new_tokens=max_new_tokens,
+            max_length=max_length,
+            generator=generator,
+        )
+        self.last_output = output
+        if log:
+            return output.output_ids, output.num_new_tokens, len(output.steps)
+        return output.output_ids
+
+    def naivegenerate(
+        self,
+        input_ids: torch.Tensor,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: float = 0.0,
+        max_new_tokens: int = 512,
+        max_length: int = 2048,
+        log: bool = False,
+        is_llama3: bool = False,
+        generator: torch.Generator | None = None,
+    ):
+        """Plain decoding with the same signature, one target forward per token."""
+        del is_llama3
+        output = generate_plain(
+            self.target,
+            input_ids,
+            sampling=self._sampling(temperature, top_p, top_k),
+            max_new_tokens=max_new_tokens,
+            max_length=max_length,
+            generator=generator,
+        )
+        self.last_output = output
+        if log:
+            return output.output_ids, output.num_new_tokens, output.num_new_tokens
+        return output.output_ids

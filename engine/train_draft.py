@@ -1,0 +1,264 @@
+"""Train an EAGLE-1/2 draft head on a target's own continuations.
+
+1. collect: the target greedily continues each prompt (HF generate, batched), then one forward pass captures its
+   post-norm last hidden states (the features) along prompt + continuation.
+2. train: the head reads (feature f_j, token x_{j+1}) and predicts f_{j+1}. Loss = SmoothL1 on the feature plus
+   cross-entropy of the head's logits against the target's distribution softmax(lm_head(f_{j+1})). A second
+   unrolled pass feeds the head its own predicted features, as the tree does beyond the first level.
+3. evaluate: speculative generation on held-out prompts, reporting tau (tokens per step).
+
+Token ids in, head out; prompts come tokenized. Saving uses the official layout (draft_head.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from engine.draft_head import DraftHead, DraftHeadConfig
+from engine.generate import generate_speculative
+from engine.target import TargetModel
+from engine.types import TreeParams
+
+
+@dataclass(frozen=True)
+class DraftTrainConfig:
+    max_prompt_tokens: int = 192
+    max_new_tokens: int = 128
+    generation_batch_size: int = 32
+    epochs: int = 6
+    batch_size: int = 8
+    learning_rate: float = 2e-3
+    warmup_steps: int = 20
+    feature_loss_weight: float = 1.0
+    token_loss_weight: float = 0.1
+    feature_noise: float = 0.1
+    unroll_passes: int = 2
+    time_budget_s: float | None = None
+    eval_tree: TreeParams = TreeParams(24, 5, 4)
+    eval_max_new_tokens: int = 96
+    seed: int = 0
+
+
+@dataclass
+class DraftTrainReport:
+    num_train_sequences: int
+    num_train_tokens: int
+    collect_seconds: float
+    train_seconds: float
+    num_steps: int
+    final_loss: float
+    eval_mean_accepted_tokens: float
+    eval_tree: str
+    eval_num_prompts: int
+    losses: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@torch.inference_mode()
+def collect_features(
+    model: PreTrainedModel, prompts: list[list[int]], config: DraftTrainConfig, progress: bool = True
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Greedy continuations plus features: a list of (token_ids [T], features [T, H]) on the CPU."""
+    target = TargetModel(model)
+    pad_id = model.config.pad_token_id
+    pad_id = pad_id if pad_id is not None else 0
+    prompts = [p[-config.max_prompt_tokens :] for p in prompts if len(p) > 0]
+    sequences: list[list[int]] = []
+    batches = range(0, len(prompts), config.generation_batch_size)
+    for start in tqdm(batches, desc="draft data: target continuations", disable=not progress):
+        batch = prompts[start : start + config.generation_batch_size]
+        width = max(len(p) for p in batch)
+        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=target.device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=target.device)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=config.max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+        )
+        for row, prompt in enumerate(batch):
+            continuation = out[row, width:].tolist()
+            eos = model.config.eos_token_id
+            if eos is not None and eos in continuation:
+                continuation = continuation[: continuation.index(eos) + 1]
+            sequences.append(prompt + continuation)
+
+    examples = []
+    for sequence in tqdm(sequences, desc="draft data: target features", disable=not progress):
+        ids = torch.tensor([sequence], device=target.device)
+        features = target.backbone(input_ids=ids).last_hidden_state[0]
+        examples.append((ids[0].cpu(), features.float().cpu()))
+    return examples
+
+
+def draft_losses(
+    head: DraftHead,
+    lm_head: torch.nn.Module,
+    token_ids: torch.Tensor,
+    features: torch.Tensor,
+    valid: torch.Tensor,
+    config: DraftTrainConfig,
+) -> torch.Tensor:
+    """token_ids [B, T], features [B, T, H], valid [B, T-1] bool -> scalar loss over `unroll_passes` passes."""
+    inputs_ids = token_ids[:, 1:]  # x_{j+1}
+    targets = features[:, 1:]  # f_{j+1}
+    input_features = features[:, :-1]  # f_j
+    if config.feature_noise > 0:
+        input_features = input_features + (torch.rand_like(input_features) - 0.5) * 2 * config.feature_noise
+    with torch.no_grad():
+        target_log_probs = torch.log_softmax(lm_head(targets), dim=-1)
+    positions = torch.arange(inputs_ids.shape[1])[None].expand_as(inputs_ids)
+    weight = valid.float()
+    total = torch.zeros(())
+    for _ in range(config.unroll_passes):
+        predicted = head(inputs_ids, input_features, positions)
+        feature_loss = (F.smooth_l1_loss(predicted, targets, reduction="none").mean(-1) * weight).sum()
+        log_probs = torch.log_softmax(lm_head(predicted), dim=-1)
+        token_loss = (-(target_log_probs.exp() * log_probs).sum(-1) * weight).sum()
+        loss = (
+            config.feature_loss_weight * feature_loss + config.token_loss_weight * token_loss
+        ) / weight.sum()
+        total = total + loss / config.unroll_passes
+        # Next pass: position j reads the head's own prediction of f_j (shifted by one), as deeper tree levels do.
+        input_features = torch.cat((input_features[:, :1], predicted[:, :-1]), dim=1)
+    return total
+
+
+def _batches(examples, batch_size: int, generator: torch.Generator):
+    order = torch.randperm(len(examples), generator=generator).tolist()
+    for start in range(0, len(order), batch_size):
+        chunk = [examples[i] for i in order[start : start + batch_size]]
+        width = max(ids.shape[0] for ids, _ in chunk)
+        hidden = chunk[0][1].shape[1]
+        token_ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        features = torch.zeros(len(chunk), width, hidden)
+        valid = torch.zeros(len(chunk), width - 1, dtype=torch.bool)
+        for row, (ids, feats) in enumerate(chunk):
+            token_ids[row, : ids.shape[0]] = ids
+            features[row, : ids.shape[0]] = feats
+            valid[row, : ids.shape[0] - 1] = True
+        yield token_ids, features, valid
+
+
+def train_head(
+    model: PreTrainedModel,
+    examples: list[tuple[torch.Tensor, torch.Tensor]],
+    config: DraftTrainConfig,
+    head_config: DraftHeadConfig | None = None,
+    progress: bool = True,
+) -> tuple[DraftHead, list[float], float]:
+    """Fit a fresh head. Embeddings and lm_head are the target's, frozen. Returns (head, losses, seconds)."""
+    torch.manual_seed(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    head = DraftHead(head_config or DraftHeadConfig.for_target(model.config))
+    head.embed_tokens.weight.data.copy_(model.get_input_embeddings().weight.detach().float().cpu())
+    head.embed_tokens.weight.requires_grad_(False)
+    lm_head = _frozen_copy(model.get_output_embeddings())
+    trainable = [p for p in head.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0, betas=(0.9, 0.95))
+    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+
+    def schedule(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress_fraction = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_fraction)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    losses: list[float] = []
+    started = time.perf_counter()
+    bar = tqdm(total=total_steps, desc="draft head: train", disable=not progress)
+    head.train()
+    for _ in range(config.epochs):
+        for token_ids, features, valid in _batches(examples, config.batch_size, generator):
+            loss = draft_losses(head, lm_head, token_ids, features, valid, config)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+            scheduler.step()
+            losses.append(loss.item())
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            if config.time_budget_s is not None and time.perf_counter() - started > config.time_budget_s:
+                break
+        else:
+            continue
+        break
+    bar.close()
+    return head.eval(), losses, time.perf_counter() - started
+
+
+def _frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
+    copy = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+    copy.load_state_dict({k: v.detach().float().cpu() for k, v in module.state_dict().items()})
+    return copy.requires_grad_(False)
+
+
+def evaluate_head(
+    model: PreTrainedModel,
+    head: DraftHead,
+    prompts: list[list[int]],
+    config: DraftTrainConfig,
+    progress: bool = True,
+) -> float:
+    """Mean tokens per step (tau) of greedy speculative decoding over `prompts`."""
+    target = TargetModel(model)
+    emitted = steps = 0
+    for prompt in tqdm(prompts, desc="draft head: held-out acceptance", disable=not progress):
+        out = generate_speculative(
+            target,
+            head,
+            prompt[-config.max_prompt_tokens :],
+            config.eval_tree,
+            max_new_tokens=config.eval_max_new_tokens,
+        )
+        emitted += sum(s.num_emitted for s in out.steps)
+        steps += len(out.steps)
+    return emitted / max(1, steps)
+
+
+def train_draft_head(
+    model: PreTrainedModel,
+    train_prompts: list[list[int]],
+    eval_prompts: list[list[int]],
+    out_dir: str | None,
+    config: DraftTrainConfig = DraftTrainConfig(),
+    progress: bool = True,
+) -> tuple[DraftHead, DraftTrainReport]:
+    """collect -> train -> evaluate -> save (official layout) for any target the engine supports."""
+    TargetModel(model)  # refuses unsupported targets before any work
+    if not train_prompts:
+        raise ValueError("train_draft_head needs at least one training prompt")
+    started = time.perf_counter()
+    examples = collect_features(model, train_prompts, config, progress)
+    collect_seconds = time.perf_counter() - started
+    head, losses, train_seconds = train_head(model, examples, config, progress=progress)
+    head = head.to(device=model.device, dtype=model.dtype)
+    tau = evaluate_head(model, head, eval_prompts, config, progress) if eval_prompts else float("nan")
+    report = DraftTrainReport(
+        num_train_sequences=len(examples),
+        num_train_tokens=sum(ids.shape[0] for ids, _ in examples),
+        collect_seconds=collect_seconds,
+        train_seconds=train_seconds,
+        num_steps=len(losses),
+        final_loss=sum(losses[-20:]) / max(1, len(losses[-20:])),
+        eval_mean_accepted_tokens=tau,
+        eval_tree=config.eval_tree.compact,
+        eval_num_prompts=len(eval_prompts),
+        losses=losses,
+    )
+    if out_dir is not None:
+        head.save_pretrained(out_dir)
+    return head, report

@@ -1,0 +1,140 @@
+"""Benchmark greedy generation methods side by side on the same prompts, in one process.
+
+    python -m jobs.bench --prompts examples/prompts.parquet [--num-prompts N] [--max-new-tokens M] [--json OUT]
+
+Methods: hf_greedy (HF generate, the baseline), hf_prompt_lookup (HF prompt-lookup decoding), eagle_defaults
+(the official 60/5/10 tree) and eagle_best_static (the best TreeParams of a small grid, searched on the first
+--grid-prompts prompts of the same set). --quick runs a small smoke version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engine.benchmark import (
+    default_grid,
+    grid_search,
+    hf_method,
+    run_benchmark,
+    static_eagle_method,
+)
+from engine.demo.build import DEFAULT_DEMO_ROOT, ensure_demo
+from engine.draft_head import DraftHead
+from engine.target import TargetModel
+from engine.types import EAGLE_DEFAULT_TREE, TreeParams
+from jobs.prompts import read_prompt_column
+
+DEFAULT_PROMPTS = "examples/prompts.parquet"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--prompts", default=DEFAULT_PROMPTS, help="Parquet file with a prompt column")
+    parser.add_argument("--prompt-column", default="prompt")
+    parser.add_argument(
+        "--num-prompts", type=int, default=None, help="use the first N prompts (default: all)"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=1, help="timed passes; tokens/s is the median")
+    parser.add_argument(
+        "--grid-prompts", type=int, default=12, help="prompts used to grid-search static trees"
+    )
+    parser.add_argument(
+        "--grid", default=None, help="comma list of total/depth/top_k (default: built-in grid)"
+    )
+    parser.add_argument("--model", default=None, help="target folder (default: the demo target)")
+    parser.add_argument("--draft", default=None, help="draft head folder (default: the demo draft)")
+    parser.add_argument("--json", default=None, help="write the results here as JSON")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run: 8 prompts, 48 tokens, a 4-point grid"
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.num_prompts = args.num_prompts or 8
+        args.max_new_tokens = min(args.max_new_tokens, 48)
+        args.grid_prompts = min(args.grid_prompts, 4)
+        args.grid = args.grid or "6/3/2,8/4/2,12/5/3,16/5/4"
+    for name in ("num_prompts", "max_new_tokens", "repeats", "grid_prompts"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return args
+
+
+def format_table(results: dict) -> str:
+    header = f"{'method':<20} {'tokens/s':>9} {'speedup':>8} {'tau':>6} {'identical':>10}  tree"
+    rows = [header, "-" * len(header)]
+    for name, r in results.items():
+        tau = "-" if r["mean_accepted_tokens"] is None else f"{r['mean_accepted_tokens']:.2f}"
+        rows.append(
+            f"{name:<20} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f}x {tau:>6} {r['identical_fraction']:>9.0%}  "
+            f"{r['tree_params'] or '-'}"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.model is None or args.draft is None:
+        paths = ensure_demo(DEFAULT_DEMO_ROOT)
+        args.model = args.model or paths["target"]
+        args.draft = args.draft or paths["draft"]
+    texts = read_prompt_column(args.prompts, args.prompt_column, args.num_prompts)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="sdpa").eval()
+    target = TargetModel(model)
+    head = DraftHead.from_pretrained(args.draft, target_embeddings=model.get_input_embeddings().weight)
+    head = head.to(device=model.device, dtype=model.dtype)
+    prompts = [tokenizer(text).input_ids for text in texts]
+
+    grid = [TreeParams.parse(p) for p in args.grid.split(",")] if args.grid else default_grid()
+    best, grid_table = grid_search(target, head, prompts[: args.grid_prompts], args.max_new_tokens, grid)
+    print(
+        f"grid search over {len(grid)} trees on {min(args.grid_prompts, len(prompts))} prompts: best {best.compact}"
+    )
+
+    methods = [
+        hf_method(model, "hf_greedy"),
+        hf_method(model, "hf_prompt_lookup", prompt_lookup_num_tokens=10),
+        static_eagle_method("eagle_defaults", target, head, EAGLE_DEFAULT_TREE),
+        static_eagle_method("eagle_best_static", target, head, best),
+    ]
+    results = run_benchmark(methods, prompts, args.max_new_tokens, repeats=args.repeats)
+    payload = {
+        "methods": {name: r.to_dict() for name, r in results.items()},
+        "config": {
+            "prompts": args.prompts,
+            "num_prompts": len(prompts),
+            "max_new_tokens": args.max_new_tokens,
+            "repeats": args.repeats,
+            "threads": torch.get_num_threads(),
+            "model": args.model,
+            "draft": args.draft,
+        },
+        "grid": {
+            "num_prompts": min(args.grid_prompts, len(prompts)),
+            "tokens_per_s": grid_table,
+            "best": best.compact,
+        },
+    }
+    print(format_table(payload["methods"]))
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(f"wrote {args.json}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Build the offline demo models (tokenizer, target LM, EAGLE draft head) and held-out prompts.
+
+python -m jobs.build_demo [--preset full|tiny] [--out models/demo]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from engine.demo.build import DEFAULT_DEMO_ROOT, PRESETS, build_demo, format_report
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS), default="full", help="full (~10 min) or tiny (tests)"
+    )
+    parser.add_argument("--out", default=DEFAULT_DEMO_ROOT, help="output folder (default: %(default)s)")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = parser.parse_args(argv)
+    report = build_demo(args.preset, args.out, progress=not args.no_progress)
+    print(format_report(report))
+
+
+if __name__ == "__main__":
+    main()
