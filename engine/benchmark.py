@@ -87,14 +87,19 @@ def eagle_method(
     head: DraftHead,
     controller_factory: Callable[[], Controller | TreeParams],
     tree_params: str | None = None,
+    decision_seconds: Callable[[], float] | None = None,
 ) -> BenchMethod:
-    """Speculative decoding with a fresh controller per prompt."""
+    """Speculative decoding with the controller `controller_factory` returns for each prompt (a fresh one, or the
+    same long-lived one). `decision_seconds`, if given, reads the controller's cumulative time spent deciding on
+    the generation thread; its increase per prompt is reported as the `decision` share of wall time."""
 
     def run(prompt_ids: list[int], max_new_tokens: int) -> RunRecord:
+        before = decision_seconds() if decision_seconds else 0.0
         out = generate_speculative(
             target, head, prompt_ids, controller_factory(), max_new_tokens=max_new_tokens
         )
-        return RunRecord(out.new_token_ids, num_steps=len(out.steps))
+        extra = {"decision": decision_seconds() - before} if decision_seconds else {}
+        return RunRecord(out.new_token_ids, num_steps=len(out.steps), extra_seconds=extra)
 
     return BenchMethod(name=name, run=run, tree_params=tree_params)
 
@@ -166,19 +171,9 @@ def run_benchmark(
 def default_grid() -> list[TreeParams]:
     """A small grid of CPU-sized static trees, from chains (top_k=1) to bushy trees. GPU-sized trees such as the
     official 60/5/10 are measured separately as `eagle_defaults`."""
-    shapes = [
-        "4/3/1",
-        "6/5/1",
-        "8/7/1",
-        "8/3/2",
-        "12/5/2",
-        "16/7/2",
-        "12/4/3",
-        "20/6/3",
-        "16/5/4",
-        "24/6/4",
-        "32/7/4",
-    ]
+    chains = ["4/3/1", "6/5/1", "8/7/1", "10/9/1", "12/11/1", "16/15/1"]
+    trees = ["8/3/2", "12/5/2", "16/7/2", "12/4/3", "20/6/3", "16/5/4", "24/6/4", "32/7/4"]
+    shapes = chains + trees
     return [TreeParams.parse(shape) for shape in shapes]
 
 

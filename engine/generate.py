@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
@@ -19,27 +18,8 @@ from engine.draft import Drafter, PendingDraftInput
 from engine.draft_head import DraftHead
 from engine.target import TargetModel
 from engine.tree import additive_mask
-from engine.types import GenerationOutput, SamplingParams, StepStats, TreeParams
+from engine.types import Controller, DecodingState, GenerationOutput, SamplingParams, StepStats, TreeParams
 from engine.verify import sample_token, verify_greedy, verify_sampling
-
-
-@dataclass(frozen=True)
-class DecodingState:
-    """What a controller sees before a step. Cheap by construction: counters the loop already has."""
-
-    step_index: int
-    prompt_length: int
-    num_generated: int
-    context_length: int
-    last_step: StepStats | None
-
-
-class Controller(Protocol):
-    """Chooses TreeParams per step (static, heuristic and learned controllers implement this)."""
-
-    def decide(self, state: DecodingState) -> TreeParams: ...
-
-    def observe(self, stats: StepStats) -> None: ...
 
 
 class FixedTreeController:
@@ -153,7 +133,9 @@ def generate_speculative(
     last_step = None
     vocab_size = target.lm_head.out_features
     while finish is None:
-        state = DecodingState(len(steps), prompt_length, len(output) - prompt_length, len(output), last_step)
+        state = DecodingState(
+            len(steps), prompt_length, len(output) - prompt_length, len(output), last_step, token_ids=output
+        )
         params = controller.decide(state)
         if params.top_k > vocab_size:
             raise ValueError(
@@ -201,7 +183,7 @@ def generate_speculative(
         steps.append(last_step)
         controller.observe(last_step)
 
-    return GenerationOutput(
+    result = GenerationOutput(
         output_ids=torch.tensor([output]),
         num_prompt_tokens=prompt_length,
         num_new_tokens=len(output) - prompt_length,
@@ -209,6 +191,10 @@ def generate_speculative(
         finish_reason=finish,
         wall_seconds=time.perf_counter() - started,
     )
+    finish_hook = getattr(controller, "finish", None)  # optional: controllers that keep wall-time statistics
+    if finish_hook is not None:
+        finish_hook(result.num_new_tokens, result.wall_seconds)
+    return result
 
 
 def _tree_mask(ancestor_mask: torch.Tensor, prefix_length: int, target: TargetModel) -> torch.Tensor:

@@ -7,7 +7,9 @@ engine, so it stays free of heavy imports beyond torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -154,3 +156,26 @@ class GenerationOutput:
         if not self.steps:
             return 0.0
         return sum(s.num_emitted for s in self.steps) / len(self.steps)
+
+
+@dataclass(frozen=True)
+class DecodingState:
+    """What a controller sees before a step. Cheap by construction: counters the loop already has.
+    Richer features (acceptance history, draft confidence) come from the StepStats passed to `observe`."""
+
+    step_index: int
+    prompt_length: int
+    num_generated: int
+    context_length: int
+    last_step: StepStats | None
+    # The sequence so far (prompt + generated), shared without a copy: read it inside decide(), never keep or
+    # mutate it. Lets a controller embed or hash the context without the engine knowing about text.
+    token_ids: Sequence[int] = ()
+
+
+class Controller(Protocol):
+    """Chooses TreeParams per step. Static, heuristic and learned controllers implement this."""
+
+    def decide(self, state: DecodingState) -> TreeParams: ...
+
+    def observe(self, stats: StepStats) -> None: ...

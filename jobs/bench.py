@@ -3,8 +3,11 @@
     python -m jobs.bench --prompts examples/prompts.parquet [--num-prompts N] [--max-new-tokens M] [--json OUT]
 
 Methods: hf_greedy (HF generate, the baseline), hf_prompt_lookup (HF prompt-lookup decoding), eagle_defaults
-(the official 60/5/10 tree) and eagle_best_static (the best TreeParams of a small grid, searched on the first
---grid-prompts prompts of the same set). --quick runs a small smoke version.
+(the official 60/5/10 tree), eagle_best_static (the best TreeParams of a small grid, searched on the first
+--grid-prompts prompts of the same set), and with a policy (--policy, default the demo's): heuristic (moving
+average with hysteresis), learned (the trained policy behind its caches and adaptive decision interval) and
+learned_unoptimized (the prototype's way: decode + embed + policy on every step). --quick runs a small smoke
+version.
 """
 
 from __future__ import annotations
@@ -18,16 +21,22 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.benchmark import (
     default_grid,
+    eagle_method,
     grid_search,
     hf_method,
     run_benchmark,
     static_eagle_method,
 )
-from engine.demo.build import DEFAULT_DEMO_ROOT, ensure_demo
+from engine.demo.build import DEFAULT_DEMO_ROOT
 from engine.draft_head import DraftHead
 from engine.target import TargetModel
 from engine.types import EAGLE_DEFAULT_TREE, TreeParams
+from jobs.demo import ensure_demo
 from jobs.prompts import read_prompt_column
+from policy.actions import DEFAULT_ACTIONS
+from policy.controllers import HeuristicController
+from policy.optimizer import AdaptiveParameterPredictor, PrototypeStyleController, RLInferenceOptimizer
+from policy.stats import format_stats
 
 DEFAULT_PROMPTS = "examples/prompts.parquet"
 
@@ -51,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--model", default=None, help="target folder (default: the demo target)")
     parser.add_argument("--draft", default=None, help="draft head folder (default: the demo draft)")
+    parser.add_argument("--policy", default=None, help="trained policy folder (default: the demo policy)")
+    parser.add_argument("--no-policy", action="store_true", help="skip the heuristic and learned methods")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     parser.add_argument(
         "--quick", action="store_true", help="smoke run: 8 prompts, 48 tokens, a 4-point grid"
@@ -69,26 +80,60 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def add_policy_methods(methods: list, target, head, tokenizer, policy_path: str) -> RLInferenceOptimizer:
+    """Append heuristic, learned and learned_unoptimized; return the learned method's optimizer (for its stats)."""
+    actions = DEFAULT_ACTIONS
+    optimizer = RLInferenceOptimizer(AdaptiveParameterPredictor(policy_path))
+    prototype = PrototypeStyleController(AdaptiveParameterPredictor(policy_path), tokenizer.decode)
+    methods.append(eagle_method("heuristic", target, head, lambda: HeuristicController(actions), "adaptive"))
+    methods.append(
+        eagle_method(
+            "learned", target, head, lambda: optimizer, "adaptive", lambda: optimizer.stats.decision_seconds
+        )
+    )
+    methods.append(
+        eagle_method(
+            "learned_unoptimized",
+            target,
+            head,
+            lambda: prototype,
+            "adaptive",
+            lambda: prototype.decision_seconds,
+        )
+    )
+    return optimizer
+
+
 def format_table(results: dict) -> str:
-    header = f"{'method':<20} {'tokens/s':>9} {'speedup':>8} {'tau':>6} {'identical':>10}  tree"
+    header = f"{'method':<20} {'tokens/s':>9} {'speedup':>8} {'tau':>6} {'identical':>10} {'decide':>7}  tree"
     rows = [header, "-" * len(header)]
     for name, r in results.items():
         tau = "-" if r["mean_accepted_tokens"] is None else f"{r['mean_accepted_tokens']:.2f}"
+        decide = r.get("decision_overhead_fraction")
+        decide = "-" if decide is None else f"{decide:.2%}"
         rows.append(
-            f"{name:<20} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f}x {tau:>6} {r['identical_fraction']:>9.0%}  "
-            f"{r['tree_params'] or '-'}"
+            f"{name:<20} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f}x {tau:>6} {r['identical_fraction']:>9.0%} "
+            f"{decide:>7}  {r['tree_params'] or '-'}"
         )
     return "\n".join(rows)
+
+
+def method_record(result) -> dict:
+    record = result.to_dict()
+    if "decision" in result.extra_fractions:
+        record["decision_overhead_fraction"] = result.extra_fractions["decision"]
+    return record
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.model is None or args.draft is None:
+    if args.model is None or args.draft is None or (args.policy is None and not args.no_policy):
         paths = ensure_demo(DEFAULT_DEMO_ROOT)
         args.model = args.model or paths["target"]
         args.draft = args.draft or paths["draft"]
+        args.policy = args.policy or paths["policy"]
     texts = read_prompt_column(args.prompts, args.prompt_column, args.num_prompts)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="sdpa").eval()
@@ -98,6 +143,9 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [tokenizer(text).input_ids for text in texts]
 
     grid = [TreeParams.parse(p) for p in args.grid.split(",")] if args.grid else default_grid()
+    if not args.no_policy and not args.grid:
+        # The static baseline may use every tree the policy can choose, so the comparison is like for like.
+        grid += [params for params in DEFAULT_ACTIONS if params not in grid]
     best, grid_table = grid_search(target, head, prompts[: args.grid_prompts], args.max_new_tokens, grid)
     print(
         f"grid search over {len(grid)} trees on {min(args.grid_prompts, len(prompts))} prompts: best {best.compact}"
@@ -109,9 +157,12 @@ def main(argv: list[str] | None = None) -> dict:
         static_eagle_method("eagle_defaults", target, head, EAGLE_DEFAULT_TREE),
         static_eagle_method("eagle_best_static", target, head, best),
     ]
+    optimizer = None
+    if not args.no_policy:
+        optimizer = add_policy_methods(methods, target, head, tokenizer, args.policy)
     results = run_benchmark(methods, prompts, args.max_new_tokens, repeats=args.repeats)
     payload = {
-        "methods": {name: r.to_dict() for name, r in results.items()},
+        "methods": {name: method_record(r) for name, r in results.items()},
         "config": {
             "prompts": args.prompts,
             "num_prompts": len(prompts),
@@ -127,6 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
             "best": best.compact,
         },
     }
+    if optimizer is not None:
+        payload["learned_stats"] = optimizer.snapshot().to_dict()
+        print(format_stats(optimizer.snapshot()))
     print(format_table(payload["methods"]))
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)

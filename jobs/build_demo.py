@@ -1,4 +1,4 @@
-"""Build the offline demo models (tokenizer, target LM, EAGLE draft head) and held-out prompts.
+"""Build the offline demo models (tokenizer, target LM, EAGLE draft head), held-out prompts, and the tree policy.
 
 python -m jobs.build_demo [--preset full|tiny] [--out models/demo]
 """
@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import argparse
 
-from engine.demo.build import DEFAULT_DEMO_ROOT, PRESETS, build_demo, format_report
+from engine.demo.build import DEFAULT_DEMO_ROOT, PRESETS, format_report
+from jobs.demo import build_all
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=DEFAULT_DEMO_ROOT, help="output folder (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
-    report = build_demo(args.preset, args.out, progress=not args.no_progress)
+    report = build_all(args.preset, args.out, progress=not args.no_progress)
     print(format_report(report))
 
 

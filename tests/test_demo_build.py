@@ -14,17 +14,19 @@ from engine.demo.build import build_demo, demo_is_built, demo_paths
 from engine.ea_model import EaModel
 from jobs import bench
 from jobs import build_demo as build_demo_job
+from jobs.demo import build_all, policy_is_built
 
 
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory) -> str:
     root = str(tmp_path_factory.mktemp("demo"))
-    build_demo("tiny", root, progress=False)
+    build_all("tiny", root, progress=False)
     return root
 
 
 def test_tiny_build_writes_every_artefact(tiny_demo):
-    assert demo_is_built(tiny_demo)
+    assert demo_is_built(tiny_demo) and policy_is_built(tiny_demo)
+    assert os.path.isfile(os.path.join(demo_paths(tiny_demo)["policy"], "learning_curve.png"))
     paths = demo_paths(tiny_demo)
     with open(paths["report"]) as f:
         report = json.load(f)
@@ -82,6 +84,8 @@ def test_bench_quick_runs_on_tiny_demo(tiny_demo, tmp_path):
             paths["target"],
             "--draft",
             paths["draft"],
+            "--policy",
+            paths["policy"],
             "--num-prompts",
             "3",
             "--max-new-tokens",
@@ -91,7 +95,19 @@ def test_bench_quick_runs_on_tiny_demo(tiny_demo, tmp_path):
         ]
     )
     saved = json.loads(out.read_text())
-    assert set(saved["methods"]) == {"hf_greedy", "hf_prompt_lookup", "eagle_defaults", "eagle_best_static"}
+    assert set(saved["methods"]) == {
+        "hf_greedy",
+        "hf_prompt_lookup",
+        "eagle_defaults",
+        "eagle_best_static",
+        "heuristic",
+        "learned",
+        "learned_unoptimized",
+    }
+    for name in ("learned", "learned_unoptimized"):
+        assert 0.0 < saved["methods"][name]["decision_overhead_fraction"] < 1.0
+    stats = saved["learned_stats"]
+    assert stats["caches"]["decision"]["lookups"] == stats["decisions"]
     for name, result in saved["methods"].items():
         assert result["tokens_per_s"] > 0, name
         assert result["identical_fraction"] == 1.0, name

@@ -40,6 +40,7 @@ class DemoPreset:
     num_draft_train_prompts: int
     num_eval_prompts: int
     num_heldout_prompts: int
+    num_policy_train_prompts: int
     draft: DraftTrainConfig
 
 
@@ -48,10 +49,11 @@ PRESETS = {
         name="full",
         max_train_chars=None,
         tokenizer_train_chars=6_000_000,
-        num_draft_train_prompts=640,
+        num_draft_train_prompts=512,
         num_eval_prompts=16,
         num_heldout_prompts=200,
-        draft=DraftTrainConfig(time_budget_s=120.0),
+        num_policy_train_prompts=48,
+        draft=DraftTrainConfig(epochs=5, time_budget_s=120.0),
     ),
     "tiny": DemoPreset(
         name="tiny",
@@ -60,6 +62,7 @@ PRESETS = {
         num_draft_train_prompts=48,
         num_eval_prompts=4,
         num_heldout_prompts=24,
+        num_policy_train_prompts=4,
         draft=DraftTrainConfig(
             max_new_tokens=32,
             epochs=2,
@@ -79,6 +82,8 @@ def demo_paths(out_root: str = DEFAULT_DEMO_ROOT) -> dict[str, str]:
         "draft": os.path.join(out_root, "draft"),
         "prompts": os.path.join(out_root, PROMPTS_NAME),
         "report": os.path.join(out_root, REPORT_NAME),
+        "policy": os.path.join(out_root, "policy"),
+        "train_prompts": os.path.join(out_root, "train_prompts.parquet"),
     }
 
 
@@ -134,9 +139,18 @@ def build_demo(preset: str = "full", out_root: str = DEFAULT_DEMO_ROOT, progress
         max_prompt_tokens=min(200, max_prompt),
     )
     write_prompts_parquet(heldout_rows, paths["prompts"])
+    # Training prompts for the tree policy: windows of the train split, so the policy never sees held-out text.
+    policy_windows = sample_windows(
+        train_ids, spec.num_policy_train_prompts, 32, max_prompt, tokenizer.bos_token_id, 2
+    )
+    policy_rows = [
+        {"id": f"train-{i:04d}", "prompt": tokenizer.decode(ids, skip_special_tokens=True), "kind": "train"}
+        for i, ids in enumerate(policy_windows)
+    ]
+    write_prompts_parquet(policy_rows, paths["train_prompts"])
     model = AutoModelForCausalLM.from_pretrained(paths["target"], attn_implementation="sdpa").eval()
     tokenizer = AutoTokenizer.from_pretrained(paths["target"])
-    train_prompts = _sample_windows(
+    train_prompts = sample_windows(
         train_ids, spec.num_draft_train_prompts, 32, max_prompt, tokenizer.bos_token_id
     )
     eval_prompts = [tokenizer(row["prompt"]).input_ids for row in heldout_rows[: spec.num_eval_prompts]]
@@ -164,16 +178,6 @@ def build_demo(preset: str = "full", out_root: str = DEFAULT_DEMO_ROOT, progress
     return report
 
 
-def ensure_demo(
-    out_root: str = DEFAULT_DEMO_ROOT, preset: str = "full", progress: bool = True
-) -> dict[str, str]:
-    """Return the demo paths, building the models first if any artefact is missing."""
-    if not demo_is_built(out_root):
-        print(f"demo models missing under {out_root!r}: building them now (preset {preset!r})")
-        build_demo(preset, out_root, progress)
-    return demo_paths(out_root)
-
-
 def format_report(report: dict) -> str:
     target, draft, timings = report["target"], report["draft"], report["timings"]
     lines = [
@@ -185,6 +189,14 @@ def format_report(report: dict) -> str:
         f"{target['heldout_loss']:.3f}, top-1 accuracy {target['heldout_top1_accuracy']:.1%}",
         f"  draft      {draft['num_train_sequences']} sequences, {draft['num_steps']} steps; held-out tau "
         f"{draft['eval_mean_accepted_tokens']:.2f} at tree {draft['eval_tree']} on {draft['eval_num_prompts']} prompts",
+        *(
+            [
+                f"  policy     {report['policy']['num_transitions']} training steps; measured tokens/s by epoch "
+                + ", ".join(f"{v:.0f}" for v in report["policy"]["epoch_tokens_per_s"])
+            ]
+            if "policy" in report
+            else []
+        ),
         "  timings    " + ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in timings.items()),
     ]
     return "\n".join(lines)
@@ -197,11 +209,11 @@ def _cap_texts(documents, max_chars: int) -> list[str]:
     return [document.text for document in documents[::stride]]
 
 
-def _sample_windows(
-    token_ids, count: int, min_length: int, max_length: int, bos_token_id: int
+def sample_windows(
+    token_ids: torch.Tensor, count: int, min_length: int, max_length: int, bos_token_id: int, seed: int = 1
 ) -> list[list[int]]:
-    """`count` random windows of the train stream [num_tokens], each prefixed with bos, as draft-training prompts."""
-    generator = torch.Generator().manual_seed(1)
+    """`count` random windows of the train stream [num_tokens], each prefixed with bos, as training prompts."""
+    generator = torch.Generator().manual_seed(seed)
     lengths = torch.randint(min_length, max_length + 1, (count,), generator=generator)
     starts = torch.randint(0, max(1, token_ids.numel() - max_length), (count,), generator=generator)
     return [

@@ -110,7 +110,7 @@ FULL_TARGET_CONFIG = TargetTrainConfig(
     warmup_steps=30,
     # A step budget keeps the build deterministic (~1 s a step on 2 idle cores); the time cap is a safety net.
     time_budget_s=600.0,
-    max_steps=320,
+    max_steps=300,
 )
 
 # For tests and smoke runs: same depth class (>= 8 layers), tiny width.
@@ -287,8 +287,25 @@ def train_target(
     progress: bool = True,
 ) -> TargetReport:
     """Train a fresh target on random windows of `train_ids` [num_tokens], evaluate on fixed windows of
-    `heldout_ids`, and save model and tokenizer to `out_dir`. Stops at the time budget or `max_steps`."""
-    torch.set_num_threads(config.num_threads or os.cpu_count() or 1)
+    `heldout_ids`, and save model and tokenizer to `out_dir`. Stops at the time budget or `max_steps`.
+    `config.num_threads` applies to this call only; the caller's thread count is restored afterwards."""
+    previous_threads = torch.get_num_threads()
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    try:
+        return _train_target(train_ids, heldout_ids, tokenizer, config, out_dir, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train_target(
+    train_ids: torch.Tensor,
+    heldout_ids: torch.Tensor,
+    tokenizer: PreTrainedTokenizerBase,
+    config: TargetTrainConfig,
+    out_dir: str | os.PathLike[str],
+    progress: bool,
+) -> TargetReport:
     torch.manual_seed(config.seed)
     model = build_target_model(config, tokenizer)
     model.train()
@@ -297,7 +314,7 @@ def train_target(
     eval_windows = evaluation_windows(heldout_ids, config.num_eval_windows, config.seq_len)
     tokens_per_step = config.batch_size * config.seq_len
     losses: list[float] = []
-    bar = tqdm(desc="target", unit="step", disable=not progress)
+    bar = tqdm(desc="target", unit="step", total=config.max_steps, disable=not progress)
     start_time = time.perf_counter()
     elapsed_s = 0.0
     while len(losses) < config.max_steps and elapsed_s < config.time_budget_s:

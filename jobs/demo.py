@@ -1,0 +1,77 @@
+"""The demo builder the jobs share: the engine's demo models, then the tree policy trained on them.
+
+It sits in jobs/ because it joins the engine (models) and the policy (trained on the engine's real steps); each
+half is built by its own package.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from engine.demo.build import DEFAULT_DEMO_ROOT, build_demo, demo_is_built, demo_paths, format_report
+from engine.draft_head import DraftHead
+from engine.target import TargetModel
+from jobs.prompts import read_prompt_column
+from policy.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from policy.train import PolicyTrainConfig, train_policy
+
+POLICY_PRESETS = {
+    "full": PolicyTrainConfig(epochs=3, max_new_tokens=128),
+    "tiny": PolicyTrainConfig(epochs=1, max_new_tokens=16, latency_repeats=1),
+}
+
+
+def policy_is_built(out_root: str = DEFAULT_DEMO_ROOT) -> bool:
+    folder = demo_paths(out_root)["policy"]
+    return all(os.path.isfile(os.path.join(folder, name)) for name in (CONFIG_NAME, WEIGHTS_NAME))
+
+
+def build_demo_policy(out_root: str = DEFAULT_DEMO_ROOT, preset: str = "full", progress: bool = True) -> dict:
+    """Train the demo tree policy on the demo models with the real engine; returns the training report."""
+    if preset not in POLICY_PRESETS:
+        raise ValueError(f"unknown demo preset {preset!r}; choose one of {sorted(POLICY_PRESETS)}")
+    paths = demo_paths(out_root)
+    tokenizer = AutoTokenizer.from_pretrained(paths["target"])
+    model = AutoModelForCausalLM.from_pretrained(paths["target"], attn_implementation="sdpa").eval()
+    head = DraftHead.from_pretrained(paths["draft"], target_embeddings=model.get_input_embeddings().weight)
+    prompts = [tokenizer(text).input_ids for text in read_prompt_column(paths["train_prompts"])]
+    report = train_policy(
+        TargetModel(model), head, prompts, POLICY_PRESETS[preset], paths["policy"], progress
+    )
+    return report.to_dict()
+
+
+def build_all(preset: str = "full", out_root: str = DEFAULT_DEMO_ROOT, progress: bool = True) -> dict:
+    """Models, then policy. Returns the combined report (also written to build_report.json)."""
+    report = build_demo(preset, out_root, progress)
+    policy_report = build_demo_policy(out_root, preset, progress)
+    epochs = policy_report["epochs"]
+    report["policy"] = {
+        "train_seconds": policy_report["train_seconds"],
+        "num_transitions": policy_report["num_transitions"],
+        "epoch_tokens_per_s": [e["tokens_per_s"] for e in epochs],
+        "epoch_mean_reward": [e["mean_reward"] for e in epochs],
+    }
+    report["timings"]["policy_s"] = policy_report["train_seconds"]
+    report["timings"]["total_s"] += policy_report["train_seconds"]
+    with open(demo_paths(out_root)["report"], "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
+def ensure_demo(
+    out_root: str = DEFAULT_DEMO_ROOT, preset: str = "full", progress: bool = True
+) -> dict[str, str]:
+    """The demo paths, building whatever is missing first (models and policy, or just the policy)."""
+    if not demo_is_built(out_root):
+        print(
+            f"demo models missing under {out_root!r}: building them now (preset {preset!r}, ~10 min on 2 cores)"
+        )
+        print(format_report(build_all(preset, out_root, progress)))
+    elif not policy_is_built(out_root):
+        print(f"demo policy missing under {out_root!r}: training it now")
+        build_demo_policy(out_root, preset, progress)
+    return demo_paths(out_root)

@@ -1,0 +1,102 @@
+"""The discrete action set of tree-shape controllers: an immutable, validated list of TreeParams.
+
+Validated once at construction (each entry a TreeParams, at least one, no duplicates), so that controllers can
+return `actions[i]` on the hot path without checks. It does not decide anything; see `controllers.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+from engine.types import TreeParams
+
+
+class ActionSet:
+    """An ordered tuple of distinct TreeParams. `actions[i]` is action i; `actions.index(params)` its inverse.
+
+    Example: ActionSet.parse(["3/2/1", "8/4/2"]).index(TreeParams(8, 4, 2)) == 1
+    """
+
+    __slots__ = ("_params", "_index")
+
+    def __init__(self, params: Iterable[TreeParams]) -> None:
+        items = tuple(params)
+        if not items:
+            raise ValueError("an ActionSet needs at least one TreeParams")
+        for item in items:
+            if not isinstance(item, TreeParams):
+                raise ValueError(f"ActionSet entries must be TreeParams, got {item!r}")
+        index = {p: i for i, p in enumerate(items)}
+        if len(index) != len(items):
+            duplicates = sorted({p.compact for p in items if items.count(p) > 1})
+            raise ValueError(f"ActionSet has duplicate TreeParams: {duplicates}")
+        object.__setattr__(self, "_params", items)
+        object.__setattr__(self, "_index", index)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("ActionSet is immutable")
+
+    @classmethod
+    def parse(cls, texts: Iterable[str]) -> ActionSet:
+        """From compact strings such as '8/4/2' (total_tokens/depth/top_k)."""
+        return cls(TreeParams.parse(t) for t in texts)
+
+    def index(self, params: TreeParams) -> int:
+        """Position of `params`; ValueError if it is not an action."""
+        try:
+            return self._index[params]
+        except KeyError:
+            raise ValueError(
+                f"{params.compact if isinstance(params, TreeParams) else params!r} is not in the action set "
+                f"{self.compact}"
+            ) from None
+
+    def __contains__(self, params: object) -> bool:
+        return params in self._index
+
+    def __len__(self) -> int:
+        return len(self._params)
+
+    def __getitem__(self, i: int) -> TreeParams:
+        return self._params[i]
+
+    def __iter__(self) -> Iterator[TreeParams]:
+        return iter(self._params)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ActionSet) and self._params == other._params
+
+    def __hash__(self) -> int:
+        return hash(self._params)
+
+    def __repr__(self) -> str:
+        return f"ActionSet({self.compact})"
+
+    @property
+    def compact(self) -> list[str]:
+        return [p.compact for p in self._params]
+
+
+# Chains (top_k=1) and small trees suit CPUs, where verify cost grows with width; the last three are GPU-sized
+# (a GPU verifies ~60 tokens for the price of one). The official EAGLE-2 default 60/5/10 is included. Deep chains
+# up to 20/19/1 are there because on the demo models (CPU, one thread) the best static tree was 12/11/1 and
+# per-prompt bests ranged from 4/3/1 to 20/19/1.
+DEFAULT_ACTIONS = ActionSet.parse(
+    [
+        "3/2/1",
+        "4/3/1",
+        "6/5/1",
+        "8/7/1",
+        "10/9/1",
+        "12/11/1",
+        "16/15/1",
+        "20/19/1",
+        "6/3/2",
+        "12/5/2",
+        "16/5/4",
+        "24/6/4",
+        "32/6/8",
+        "60/5/10",
+        "80/7/10",
+    ]
+)
