@@ -8,7 +8,6 @@ package. This module embeds text; it does not cache or decide (see `caches.py` a
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from collections.abc import Callable
@@ -36,76 +35,76 @@ def load_minilm_encoder() -> Callable[[str], np.ndarray]:
 
 
 class BackgroundEmbedder:
-    """One worker thread that embeds the most recent submitted text. Older queued texts are dropped:
-    only the newest context matters to a decision."""
+    """One worker thread that embeds the most recently submitted text. A request still waiting when a newer one
+    arrives is dropped (and counted): only the newest context matters to a decision."""
 
     def __init__(self, encode: Callable[[str], np.ndarray]) -> None:
         self._encode = encode
-        self._requests: queue.Queue[tuple[int, str] | None] = queue.Queue(maxsize=1)
-        self._lock = threading.Lock()
+        self._condition = threading.Condition()
+        self._request: tuple[int, str] | None = None  # the one waiting request
         self._latest: tuple[int, np.ndarray] | None = None
+        self._busy = False
+        self._closed = False
         self.num_submitted = 0
         self.num_embedded = 0
         self.num_dropped = 0
         self.num_failed = 0
         self.embed_seconds = 0.0
         self.last_error: str | None = None
-        self._busy = False
         self._thread = threading.Thread(target=self._run, name="eagleray-embedder", daemon=True)
         self._thread.start()
 
-    def submit(self, text: str, tag: int = 0) -> None:
-        """Queue `text` for embedding; never blocks. A pending older request is replaced."""
-        self.num_submitted += 1
-        try:
-            self._requests.put_nowait((tag, text))
-        except queue.Full:
-            try:
-                self._requests.get_nowait()
-                self.num_dropped += 1
-            except queue.Empty:
-                pass
-            try:
-                self._requests.put_nowait((tag, text))
-            except queue.Full:
-                self.num_dropped += 1
+    def submit(self, text: str, tag=0) -> None:
+        """Queue `text` for embedding; never blocks on the encoder. Replaces a request still waiting."""
+        with self._condition:
+            self.num_submitted += 1
+            self.num_dropped += int(self._request is not None)
+            self._request = (tag, text)
+            self._condition.notify()
 
     def latest(self) -> tuple[int, np.ndarray] | None:
         """(tag, embedding) of the newest finished request, or None if none has finished."""
-        with self._lock:
+        with self._condition:
             return self._latest
 
     def wait_idle(self, timeout_s: float = 10.0) -> bool:
-        """Block until the queue is drained (tests and benchmarks only)."""
+        """Block until nothing is waiting or running (tests and benchmarks only)."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self._requests.empty() and not self._busy:
-                return True
-            time.sleep(0.001)
-        return False
+        with self._condition:
+            while self._request is not None or self._busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._condition.wait(remaining)
+        return True
 
     def _run(self) -> None:
         while True:
-            request = self._requests.get()
-            if request is None:
-                return
-            tag, text = request
-            self._busy = True
+            with self._condition:
+                while self._request is None and not self._closed:
+                    self._condition.wait()
+                if self._closed:
+                    return
+                (tag, text), self._request = self._request, None
+                self._busy = True
             started = time.perf_counter()
+            vector, error = None, None
             try:
                 vector = self._encode(text)
-                with self._lock:
-                    self._latest = (tag, vector)
-                self.num_embedded += 1
-            except Exception as error:  # the policy falls back to cheap features; count and keep going
-                self.num_failed += 1
-                self.last_error = f"{type(error).__name__}: {error}"
-            finally:
+            except Exception as caught:  # the policy carries on without embeddings; count and keep going
+                error = f"{type(caught).__name__}: {caught}"
+            with self._condition:
                 self.embed_seconds += time.perf_counter() - started
+                if error is None:
+                    self._latest = (tag, vector)
+                    self.num_embedded += 1
+                else:
+                    self.num_failed += 1
+                    self.last_error = error
                 self._busy = False
+                self._condition.notify_all()
 
     def close(self) -> None:
-        try:
-            self._requests.put_nowait(None)
-        except queue.Full:
-            pass
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()

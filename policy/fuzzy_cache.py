@@ -52,8 +52,8 @@ class FuzzyCache(Generic[V]):
         counted as evictions.
     clock: seconds, monotonic; injected for tests.
 
-    Sets FAISS to one OpenMP thread (process-wide): the generation thread already uses the cores, and FAISS's
-    threads spinning against it cost more than they save at these index sizes.
+    It leaves FAISS's OpenMP thread count alone: FAISS and torch share one OpenMP runtime, so setting it here
+    would silently change the generation thread's torch thread count too.
     """
 
     def __init__(
@@ -77,7 +77,6 @@ class FuzzyCache(Generic[V]):
                 raise ValueError(f"{name} must be in (0, 1], got {value!r}")
         if ttl_s is not None and not ttl_s > 0:
             raise ValueError(f"ttl_s must be > 0 seconds or None (no expiry), got {ttl_s!r}")
-        faiss.omp_set_num_threads(1)
         self.dim = dim
         self.max_size = max_size
         self.similarity_threshold = similarity_threshold

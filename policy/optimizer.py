@@ -37,7 +37,7 @@ from policy.frequency import SmartFrequencyAdjuster
 from policy.fuzzy_cache import FuzzyCache
 from policy.latency import LatencyTable
 from policy.observation import FEATURE_NAMES, ObservationBuilder
-from policy.stats import OptimizationStats
+from policy.stats import OptimizationStats, format_stats
 from policy.train import LATENCY_NAME
 
 FALLBACK_TREE = TreeParams(8, 4, 2)
@@ -284,6 +284,13 @@ class RLInferenceOptimizer:
             stats.set_cache("decode", self.decode_cache.counters)
         stats.set_cache("fuzzy", self.context_cache.counters)
         return stats
+
+    def stats_dict(self) -> dict:
+        """The statistics as a dict (counts, hit rates, times per step and as a share of wall, suggestions)."""
+        return self.snapshot().to_dict()
+
+    def print_stats(self) -> None:
+        print(format_stats(self.snapshot()))
 
     def close(self) -> None:
         if self.embedder is not None:

@@ -558,3 +558,14 @@ def test_frequency_validates_its_settings():
         SmartFrequencyAdjuster(initial_interval=64)
     with pytest.raises(ValueError, match="target_overhead_fraction"):
         SmartFrequencyAdjuster(target_overhead_fraction=0)
+
+
+def test_fuzzy_cache_leaves_the_process_thread_count_alone():
+    # faiss and torch share one OpenMP runtime: a cache must not silently drop generation to one thread.
+    import torch
+
+    before = torch.get_num_threads()
+    cache = FuzzyCache(dim=8, max_size=4)
+    cache.insert(np.ones(8, dtype=np.float32), "x")
+    cache.lookup(np.ones(8, dtype=np.float32))
+    assert torch.get_num_threads() == before

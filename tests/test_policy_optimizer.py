@@ -240,3 +240,37 @@ def test_real_minilm_encoder_embeds_offline_in_the_background() -> None:
     tag, vector = embedder.latest()
     assert tag == 7 and np.allclose(vector, encode("hello world"), atol=1e-5)
     embedder.close()
+
+
+def test_background_embedder_drops_stale_requests_and_counts_failures() -> None:
+    import threading
+    import time
+
+    from policy.embedding import BackgroundEmbedder
+
+    gate = threading.Event()
+
+    def slow_encoder(text: str) -> np.ndarray:
+        gate.wait(5.0)
+        return fake_encoder(text)
+
+    embedder = BackgroundEmbedder(slow_encoder)
+    embedder.submit("first", tag=1)
+    while not embedder._busy:  # wait until the worker has taken "first" and is blocked in the encoder
+        time.sleep(0.001)
+    embedder.submit("second", tag=2)
+    embedder.submit("third", tag=3)  # replaces "second", which never ran
+    gate.set()
+    assert embedder.wait_idle(10.0)
+    assert (embedder.num_submitted, embedder.num_embedded, embedder.num_dropped) == (3, 2, 1)
+    assert embedder.latest()[0] == 3
+    embedder.close()
+
+    def broken_encoder(text: str) -> np.ndarray:
+        raise OSError("model files missing")
+
+    failing = BackgroundEmbedder(broken_encoder)
+    failing.submit("x")
+    assert failing.wait_idle(10.0)
+    assert failing.num_failed == 1 and failing.latest() is None and "OSError" in failing.last_error
+    failing.close()
