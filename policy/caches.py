@@ -305,7 +305,31 @@ class DecodeCache:
         self._streams.clear()
 
 
-class StateCache(Generic[V]):
+class _LRUBacked:
+    """Shared plumbing of the caches that wrap one LRUCache in `self._cache`."""
+
+    _cache: LRUCache
+
+    @property
+    def enabled(self) -> bool:
+        return self._cache.enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._cache.enabled = value
+
+    @property
+    def counters(self) -> CacheCounters:
+        return self._cache.counters
+
+    def __len__(self) -> int:
+        return len(self._cache)
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+
+class StateCache(_LRUBacked, Generic[V]):
     """Values computed from a token window (e.g. its sentence embedding), keyed by the window's content.
 
     `get_or_compute` counts a hit only when it returns the stored value without calling `compute`.
@@ -330,26 +354,8 @@ class StateCache(Generic[V]):
             self._cache.put(key, value)
         return value
 
-    @property
-    def enabled(self) -> bool:
-        return self._cache.enabled
 
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        self._cache.enabled = value
-
-    @property
-    def counters(self) -> CacheCounters:
-        return self._cache.counters
-
-    def __len__(self) -> int:
-        return len(self._cache)
-
-    def clear(self) -> None:
-        self._cache.clear()
-
-
-class DecisionCache:
+class DecisionCache(_LRUBacked):
     """TreeParams keyed by an observation bucket: similar observations reuse one decision.
 
     Buckets come from `bucket(features, edges)` with fixed, per-feature edges, chosen once (e.g. from quantiles of
@@ -392,21 +398,3 @@ class DecisionCache:
         if not isinstance(params, TreeParams):
             raise ValueError(f"DecisionCache stores TreeParams, got {type(params).__name__}")
         self._cache.put(bucket, params)
-
-    @property
-    def enabled(self) -> bool:
-        return self._cache.enabled
-
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        self._cache.enabled = value
-
-    @property
-    def counters(self) -> CacheCounters:
-        return self._cache.counters
-
-    def __len__(self) -> int:
-        return len(self._cache)
-
-    def clear(self) -> None:
-        self._cache.clear()

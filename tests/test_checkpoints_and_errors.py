@@ -380,9 +380,8 @@ def test_qwen2_sliding_window_is_refused(tiny_lm_factory) -> None:
         TargetModel(model)
 
 
-def test_mistral_sliding_window_is_refused() -> None:
-    torch.manual_seed(0)
-    config = MistralConfig(
+def tiny_mistral_config(sliding_window: int | None) -> MistralConfig:
+    return MistralConfig(
         vocab_size=96,
         hidden_size=32,
         intermediate_size=64,
@@ -390,32 +389,23 @@ def test_mistral_sliding_window_is_refused() -> None:
         num_attention_heads=2,
         num_key_value_heads=1,
         max_position_embeddings=256,
-        sliding_window=8,
+        sliding_window=sliding_window,
         bos_token_id=None,
         eos_token_id=None,
         pad_token_id=None,
         attn_implementation="sdpa",
     )
+
+
+def test_mistral_sliding_window_is_refused() -> None:
+    torch.manual_seed(0)
     with pytest.raises(ValueError, match="sliding-window attention \\(window 8\\)"):
-        TargetModel(MistralForCausalLM(config).eval())
+        TargetModel(MistralForCausalLM(tiny_mistral_config(sliding_window=8)).eval())
 
 
 def test_mistral_without_sliding_window_is_identical_to_hf() -> None:
     torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        sliding_window=None,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        attn_implementation="sdpa",
-    )
+    config = tiny_mistral_config(sliding_window=None)
     model = MistralForCausalLM(config).eval()
     target = TargetModel(model)
     head = DraftHead(DraftHeadConfig.for_target(config)).eval()
