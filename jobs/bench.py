@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-policy", action="store_true", help="skip the heuristic and learned methods")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: 8 prompts, 48 tokens, a 4-point grid"
+        "--quick", action="store_true", help="smoke run: 8 prompts, 48 tokens, grid searched on 4 prompts"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     args = parser.parse_args(argv)
@@ -72,7 +72,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.num_prompts = args.num_prompts or 8
         args.max_new_tokens = min(args.max_new_tokens, 48)
         args.grid_prompts = min(args.grid_prompts, 4)
-        args.grid = args.grid or "6/3/2,8/4/2,12/5/3,16/5/4"
     for name in ("num_prompts", "max_new_tokens", "repeats", "grid_prompts"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -143,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [tokenizer(text).input_ids for text in texts]
 
     grid = [TreeParams.parse(p) for p in args.grid.split(",")] if args.grid else default_grid()
-    if not args.no_policy and not args.grid:
+    if not args.no_policy:
         # The static baseline may use every tree the policy can choose, so the comparison is like for like.
         grid += [params for params in DEFAULT_ACTIONS if params not in grid]
     best, grid_table = grid_search(target, head, prompts[: args.grid_prompts], args.max_new_tokens, grid)
