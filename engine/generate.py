@@ -123,7 +123,7 @@ def generate_speculative(
     cache = target.new_cache()
     drafter = Drafter(head, target.lm_head)
     prefill = target.prefill(ids, cache)
-    first_token = sample_token(prefill.logits[0, -1], sampling, generator)
+    first_token = sample_token(prefill.logits[0, -1].cpu(), sampling, generator)  # CPU, like verification
     finish = append_tokens(output, [first_token], rules, prompt_length)
     pending = PendingDraftInput(
         features=prefill.features,
