@@ -30,6 +30,23 @@ V = TypeVar("V")
 SIMILARITY_TOLERANCE = 1e-6
 
 
+def normalise_embeddings(embeddings: np.ndarray, dim: int) -> np.ndarray:
+    """Rows scaled to unit length, as a C-contiguous float32 [n, dim] array (FAISS's input format).
+
+    Accepts [dim] (one row) or [n, dim]. Raises ValueError for another shape, NaN or inf, or a zero row.
+    """
+    matrix = np.array(embeddings, dtype=np.float32, ndmin=2)
+    if matrix.ndim != 2 or matrix.shape[1] != dim:
+        raise ValueError(f"embeddings must have shape [n, {dim}], got {np.shape(embeddings)}")
+    if not np.all(np.isfinite(matrix)):
+        raise ValueError("embeddings must be finite (got NaN or inf)")
+    wide = matrix.astype(np.float64)  # float64 so that huge or tiny components neither overflow nor vanish
+    norms = np.linalg.norm(wide, axis=1, keepdims=True)  # [n, 1]
+    if np.any(norms == 0):
+        raise ValueError("embeddings must be non-zero vectors: a zero vector has no direction")
+    return np.ascontiguousarray(wide / norms, dtype=np.float32)
+
+
 @dataclass
 class FuzzyCacheCounters(CacheCounters):
     """`CacheCounters` plus: `near_misses`, look-ups whose nearest entry scored below the threshold (misses on an
@@ -160,19 +177,7 @@ class FuzzyCache(Generic[V]):
             self._remove(entry_id)
 
     def _normalise(self, embeddings: np.ndarray) -> np.ndarray:
-        """Rows scaled to unit length, as a C-contiguous float32 [n, dim] array (FAISS's input format)."""
-        matrix = np.array(embeddings, dtype=np.float32, ndmin=2)
-        if matrix.ndim != 2 or matrix.shape[1] != self.dim:
-            raise ValueError(f"embeddings must have shape [n, {self.dim}], got {np.shape(embeddings)}")
-        if not np.all(np.isfinite(matrix)):
-            raise ValueError("embeddings must be finite (got NaN or inf)")
-        wide = matrix.astype(
-            np.float64
-        )  # float64 so that huge or tiny components neither overflow nor vanish
-        norms = np.linalg.norm(wide, axis=1, keepdims=True)  # [n, 1]
-        if np.any(norms == 0):
-            raise ValueError("embeddings must be non-zero vectors: a zero vector has no direction")
-        return np.ascontiguousarray(wide / norms, dtype=np.float32)
+        return normalise_embeddings(embeddings, self.dim)
 
     @property
     def counters(self) -> FuzzyCacheCounters:
