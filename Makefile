@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test lint demo bench clean
+.PHONY: install run test lint demo bench bench-pipeline clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -21,12 +21,16 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m jobs.build_demo
 
-# Builds the demo models first when they are missing (about 10 minutes on 2 cores), then a quick benchmark.
+# The main job on the built-in demo: examples/prompts.parquet through a local Ray into outputs/generate/.
+# Builds the demo models first when they are missing (about 10 minutes on 2 cores).
 run: $(STAMP)
-	$(PY) -m jobs.bench --quick
+	$(PY) -m jobs.generate --overwrite
 
 bench: $(STAMP)
 	$(PY) -m jobs.bench --json outputs/bench.json
+
+bench-pipeline: $(STAMP)
+	$(PY) -m jobs.bench_pipeline --json outputs/bench_pipeline.json
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

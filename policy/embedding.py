@@ -17,8 +17,8 @@ import numpy as np
 EMBEDDING_DIM = 384
 
 
-def load_minilm_encoder() -> Callable[[str], np.ndarray]:
-    """Load all-MiniLM-L6-v2 from the offline package; return text -> L2-normalised float32 [384].
+def load_minilm_batch_encoder() -> Callable[[list[str]], np.ndarray]:
+    """Load all-MiniLM-L6-v2 from the offline package; return texts -> L2-normalised float32 [n, 384].
 
     torch's thread count is process-wide, so the encoder leaves it alone: setting it from the embedding thread
     would change the generation thread's too."""
@@ -27,11 +27,19 @@ def load_minilm_encoder() -> Callable[[str], np.ndarray]:
 
     model = SentenceTransformer(str(get_model_path()), device="cpu")
 
-    def encode(text: str) -> np.ndarray:
-        vector = model.encode(text, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
-        return np.asarray(vector, dtype=np.float32)
+    def encode(texts: list[str]) -> np.ndarray:
+        vectors = model.encode(
+            list(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
+        return np.asarray(vectors, dtype=np.float32).reshape(len(texts), EMBEDDING_DIM)
 
     return encode
+
+
+def load_minilm_encoder() -> Callable[[str], np.ndarray]:
+    """`load_minilm_batch_encoder` for one text: text -> L2-normalised float32 [384]."""
+    encode_batch = load_minilm_batch_encoder()
+    return lambda text: encode_batch([text])[0]
 
 
 class BackgroundEmbedder:

@@ -131,3 +131,24 @@ def tiny_lm_factory() -> Callable[..., PreTrainedModel]:
 @pytest.fixture(scope="session")
 def prompt_factory() -> Callable[..., list[list[int]]]:
     return random_prompts
+
+
+@pytest.fixture(scope="session")
+def tiny_demo(tmp_path_factory) -> str:
+    """The tiny demo build (tokenizer, target, draft head, policy, prompts) in a temporary folder: ~30 s."""
+    from jobs.demo import build_all
+
+    root = str(tmp_path_factory.mktemp("demo"))
+    build_all("tiny", root, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray for the pipeline tests, started once and shared. A module that needs a different cluster
+    (tests/test_pipeline_cluster.py) shuts it down; the next module that asks for it starts it again."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray

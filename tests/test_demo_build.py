@@ -14,14 +14,7 @@ from engine.demo.build import build_demo, demo_is_built, demo_paths
 from engine.ea_model import EaModel
 from jobs import bench
 from jobs import build_demo as build_demo_job
-from jobs.demo import build_all, policy_is_built
-
-
-@pytest.fixture(scope="session")
-def tiny_demo(tmp_path_factory) -> str:
-    root = str(tmp_path_factory.mktemp("demo"))
-    build_all("tiny", root, progress=False)
-    return root
+from jobs.demo import policy_is_built
 
 
 def test_tiny_build_writes_every_artefact(tiny_demo):

@@ -1,0 +1,313 @@
+"""The generation actor: a Ray Data callable class that turns a batch of prompt rows into result rows.
+
+Built once per actor process (`__init__`): the target, its draft head and tokenizer, the tree controller, the
+prompt-level decision caches in front of the shared cache actor, and the dashboard metrics. Per batch
+(`__call__`, a pyarrow Table in and out):
+
+    plan rows (pipeline.rows) -> tokenize -> context check -> prompt decisions (local, then shared)
+      -> engine.generate_batch (batch in, batch out) -> detokenize -> result columns -> publish decisions + stats
+
+Every input row comes back, with every input column, plus the result columns (`pipeline.config.OUTPUT_COLUMNS`).
+A row that cannot be generated gets `__inference_error__` and nulls; the batch goes on. Failures to load models
+are fatal and raise. Ray is touched only for the runtime context (CPU count, actor id), the shared-cache handle
+and metrics; everything else is plain Python, so tests can call the class without a cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import uuid
+from dataclasses import asdict
+
+import pyarrow as pa
+import ray
+import torch
+
+from actors.decisions import PromptController, PromptDecisions
+from actors.metrics import ActorMetrics
+from engine.batch import GenerationRequest, RequestResult, generate_batch
+from engine.ea_model import EaModel
+from engine.types import GenerationOutput, SamplingParams, StepStats
+from pipeline.config import ERROR_COLUMN, GenerateConfig
+from pipeline.rows import RowPlan, plan_rows
+from policy.actions import DEFAULT_ACTIONS
+from policy.caches import content_key
+from policy.controllers import HeuristicController
+from policy.optimizer import AdaptiveParameterPredictor, RLInferenceOptimizer
+
+RESULT_SCHEMA = pa.schema(
+    [
+        ("generated_text", pa.string()),
+        ("num_input_tokens", pa.int64()),
+        ("num_generated_tokens", pa.int64()),
+        ("num_steps", pa.int64()),
+        ("mean_accepted_tokens", pa.float64()),
+        ("time_taken_llm", pa.float64()),
+        ("tree_params", pa.string()),
+        (ERROR_COLUMN, pa.string()),
+    ]
+)
+
+
+def compact_trees(steps: list[StepStats]) -> str:
+    """The per-step trees, run-length encoded: '12/11/1x5,8/4/2x3' = five steps of 12/11/1, then three of 8/4/2."""
+    runs: list[list] = []
+    for step in steps:
+        if runs and runs[-1][0] == step.tree_params:
+            runs[-1][1] += 1
+        else:
+            runs.append([step.tree_params, 1])
+    return ",".join(f"{tree.compact}x{count}" for tree, count in runs)
+
+
+def row_seed(job_seed: int, row_key: str) -> int:
+    """A sampling seed that depends on the job seed and the row (its id, or its prompt), not on batching."""
+    digest = hashlib.blake2b(f"{job_seed}:{row_key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def assigned_cpus() -> float | None:
+    """CPUs Ray gave this actor, or None outside a Ray actor (a driver, a test)."""
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return None
+    return ray.get_runtime_context().get_assigned_resources().get("CPU")
+
+
+class GenerationActor:
+    """Ray Data callable class: `map_batches(GenerationActor, fn_constructor_kwargs={...}, batch_format="pyarrow")`.
+
+    config: a `GenerateConfig` as a dict (plain data travels to actors more simply than a model).
+    cache: a ContextCacheActor handle (stats always go there; prompt decisions only with config.shared_cache),
+        or None (tests without a cluster).
+    job_id: this run's id, the key under which stats are reported.
+    load_encoder: returns texts -> unit embeddings [n, 384]; default MiniLM. Used only with a learned policy and
+        config.shared_cache, on the prompt decisions' background thread.
+    before_request: an optional engine hook (index, request) run before each generation; tests use it to inject
+        a failure into one row.
+    """
+
+    def __init__(
+        self,
+        config: dict,
+        cache=None,
+        job_id: str = "local",
+        load_encoder=None,
+        before_request=None,
+    ) -> None:
+        init_started = time.perf_counter()
+        self.config = GenerateConfig(**config)
+        cpus = assigned_cpus()
+        if cpus:
+            # Threads from the CPUs Ray gave this actor, rounded down: an OpenMP thread without a core of its own
+            # spins at every barrier (measured here: 2 threads on 1.5 CPUs ran at 59% of 1 thread's speed).
+            torch.set_num_threads(max(1, math.floor(cpus)))
+        self.num_threads = torch.get_num_threads()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = EaModel.from_pretrained(
+            base_model_path=self.config.model,
+            ea_model_path=self.config.draft,
+            dtype="auto",
+        ).to(self.device)
+        self.tokenizer = self.model.get_tokenizer()
+        self.context_limit = self.model.target.context_limit
+        self.optimizer: RLInferenceOptimizer | None = None
+        self.controller = self._build_controller()
+        self.actor_id = self._actor_id()
+        self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        self.job_id = job_id
+        self.cache = cache
+        self.before_request = before_request
+        self.decisions: PromptDecisions | None = None
+        if self.config.policy_kind == "learned" and self.config.shared_cache:
+            if load_encoder is None:
+                from policy.embedding import load_minilm_batch_encoder
+
+                load_encoder = load_minilm_batch_encoder
+            self.decisions = PromptDecisions(
+                self.actor_id, load_encoder, cache, self.config.similarity_threshold
+            )
+        in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+        self.metrics = ActorMetrics(self.config.job_name, self.actor_id) if in_actor else None
+        self.totals = {
+            "rows_ok": 0,
+            "rows_error": 0,
+            "input_tokens": 0,
+            "generated_tokens": 0,
+            "steps": 0,
+            "emitted_in_steps": 0,
+            "generation_seconds": 0.0,
+            "batch_seconds": 0.0,
+            "num_batches": 0,
+        }
+        self.stats_report_failures = 0
+        self.init_seconds = time.perf_counter() - init_started
+        self.first_batch_started_at: float | None = None  # wall-clock (time.time()) so the driver can compare
+        self.last_batch_finished_at: float | None = None
+
+    def _actor_id(self) -> str:
+        if ray.is_initialized():
+            actor_id = ray.get_runtime_context().get_actor_id()
+            if actor_id:
+                return actor_id[:12]  # the unique part; the tail is the job id
+        return uuid.uuid4().hex[:8]
+
+    def _build_controller(self):
+        kind = self.config.policy_kind
+        if kind == "static":
+            return self.config.static_tree
+        if kind == "heuristic":
+            return HeuristicController(DEFAULT_ACTIONS)
+        self.optimizer = RLInferenceOptimizer(
+            AdaptiveParameterPredictor(self.config.policy), fallback=self.config.static_tree
+        )
+        return self.optimizer
+
+    # ---- one batch ----------------------------------------------------------------------------------------------
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        started = time.perf_counter()
+        if self.first_batch_started_at is None:
+            self.first_batch_started_at = time.time()
+        plans = plan_rows(table, self.config)
+        rows = [self._tokenize(plan) for plan in plans]  # (plan, prompt ids) with the context checked
+        todo = [index for index, (plan, _) in enumerate(rows) if plan.error is None]
+        ids_column = self._row_keys(table)
+        controllers: list = [self.controller] * len(todo)
+        keys: list[str] = []
+        if self.decisions is not None and todo:
+            keys = [content_key(rows[index][1]).hex() for index in todo]
+            lookups = self.decisions.submit([rows[index][0].prompt for index in todo], keys)
+            controllers = [PromptController(lookup, self.controller, self.decisions) for lookup in lookups]
+        requests = [
+            GenerationRequest(
+                prompt_ids=rows[index][1],
+                max_new_tokens=rows[index][0].max_new_tokens,
+                controller=controller,
+                sampling=SamplingParams(temperature=rows[index][0].temperature),
+                seed=row_seed(self.config.seed, ids_column[index]),
+            )
+            for index, controller in zip(todo, controllers, strict=True)
+        ]
+        results = generate_batch(
+            self.model.target, self.model.ea_layer, requests, self.context_limit, self.before_request
+        )
+        outputs: list[RequestResult | None] = [None] * len(rows)
+        for index, result in zip(todo, results, strict=True):
+            outputs[index] = result
+        if self.decisions is not None and todo:
+            fresh_keys, fresh_steps = [], []
+            for key, controller, result in zip(keys, controllers, results, strict=True):
+                if result.output is None:
+                    continue
+                if controller.cached is not None:
+                    self.decisions.record(len(result.output.steps))
+                else:
+                    fresh_keys.append(key)
+                    fresh_steps.append(result.output.steps)
+            try:  # a few milliseconds: the counters reported below then include this batch
+                self.decisions.publish(fresh_keys, fresh_steps).result(timeout=10.0)
+            except TimeoutError:
+                pass  # still publishing; the next report counts it
+        columns = self._result_columns(rows, outputs)
+        self.totals["batch_seconds"] += time.perf_counter() - started
+        self.totals["num_batches"] += 1
+        self.last_batch_finished_at = time.time()
+        self._report(columns["time_taken_llm"])
+        if ERROR_COLUMN in table.column_names:
+            table = table.drop_columns([ERROR_COLUMN])
+        for field in RESULT_SCHEMA:
+            table = table.append_column(field, pa.array(columns[field.name], type=field.type))
+        return table
+
+    def _row_keys(self, table: pa.Table) -> list[str]:
+        """Per-row keys for sampling seeds: the id column when there is one, else the prompt."""
+        column = (
+            self.config.id_column
+            if self.config.id_column in table.column_names
+            else self.config.prompt_column
+        )
+        return [str(value) for value in table.column(column).to_pylist()]
+
+    def _tokenize(self, plan: RowPlan) -> tuple[RowPlan, list[int]]:
+        if plan.error is not None:
+            return plan, []
+        prompt_ids = self.tokenizer(plan.prompt).input_ids
+        if len(prompt_ids) >= self.context_limit:
+            error = (
+                f"prompt has {len(prompt_ids)} tokens; the model's context holds {self.context_limit} "
+                "(prompt plus new tokens)"
+            )
+            return RowPlan(None, plan.max_new_tokens, plan.temperature, error), prompt_ids
+        return plan, prompt_ids
+
+    def _result_columns(
+        self, rows: list[tuple[RowPlan, list[int]]], outputs: list[RequestResult | None]
+    ) -> dict[str, list]:
+        columns: dict[str, list] = {field.name: [] for field in RESULT_SCHEMA}
+        for (plan, prompt_ids), result in zip(rows, outputs, strict=True):
+            error = plan.error if result is None else result.error
+            output: GenerationOutput | None = None if result is None else result.output
+            if output is None:
+                self.totals["rows_error"] += 1
+                values = dict.fromkeys(columns)
+                values[ERROR_COLUMN] = error
+                values["num_input_tokens"] = len(prompt_ids) if prompt_ids else None
+            else:
+                self.totals["rows_ok"] += 1
+                self.totals["input_tokens"] += len(prompt_ids)
+                self.totals["generated_tokens"] += output.num_new_tokens
+                self.totals["steps"] += len(output.steps)
+                self.totals["emitted_in_steps"] += sum(step.num_emitted for step in output.steps)
+                self.totals["generation_seconds"] += output.wall_seconds
+                values = {
+                    "generated_text": self.tokenizer.decode(output.new_token_ids, skip_special_tokens=True),
+                    "num_input_tokens": len(prompt_ids),
+                    "num_generated_tokens": output.num_new_tokens,
+                    "num_steps": len(output.steps),
+                    "mean_accepted_tokens": output.mean_accepted_tokens,
+                    "time_taken_llm": output.wall_seconds,
+                    "tree_params": compact_trees(output.steps),
+                    ERROR_COLUMN: None,
+                }
+            for name in columns:
+                columns[name].append(values[name])
+        return columns
+
+    # ---- statistics -------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        """This actor's cumulative statistics (plain data): totals, the optimizer's and the prompt decisions'."""
+        stats = {
+            "actor_id": self.actor_id,
+            "device": self.device,
+            "node_id": self.node_id,
+            "num_threads": self.num_threads,
+            "policy": self.config.policy_kind,
+            "init_seconds": self.init_seconds,
+            "first_batch_started_at": self.first_batch_started_at,
+            "last_batch_finished_at": self.last_batch_finished_at,
+            **self.totals,
+            "decision_seconds": 0.0,
+        }
+        if self.optimizer is not None:
+            snapshot = self.optimizer.snapshot()
+            stats["optimizer"] = asdict(snapshot)
+            stats["decision_seconds"] = snapshot.decision_seconds
+        if self.decisions is not None:
+            stats["decisions"] = self.decisions.counters.to_dict()
+        stats["stats_report_failures"] = self.stats_report_failures
+        return stats
+
+    def _report(self, row_seconds: list) -> None:
+        """Publish metrics and send the cumulative stats to the cache actor (which aggregates the job)."""
+        stats = self.stats()
+        if self.metrics is not None:
+            self.metrics.publish(stats, [seconds for seconds in row_seconds if seconds is not None])
+        if self.cache is None:
+            return
+        try:
+            ray.get(self.cache.report_stats.remote(self.job_id, self.actor_id, stats), timeout=5.0)
+        except (ray.exceptions.RayError, TimeoutError):
+            self.stats_report_failures += 1  # the next report carries the cumulative totals again

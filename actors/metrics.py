@@ -1,0 +1,88 @@
+"""Dashboard metrics of a generation actor, through `ray.util.metrics`.
+
+Every metric carries the tags `job` and `actor` (Ray requires a value for every declared tag key) and is named
+`eagleray_*`; the Ray metrics exporter shows them as `ray_eagleray_*` in Prometheus and the dashboard's Metrics
+tab. Counters take deltas per batch and skip zero increments (`Counter.inc(0)` raises). This module only
+publishes numbers that the actor measured; it computes nothing of its own.
+"""
+
+from __future__ import annotations
+
+from ray.util.metrics import Counter, Gauge, Histogram
+
+TAG_KEYS = ("job", "actor")
+ROW_SECONDS_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+
+
+class ActorMetrics:
+    """The metrics one generation actor publishes."""
+
+    def __init__(self, job: str, actor: str) -> None:
+        self.tags = {"job": job, "actor": actor}
+
+        def counter(name: str, description: str, extra: tuple[str, ...] = ()) -> Counter:
+            metric = Counter(f"eagleray_{name}", description=description, tag_keys=TAG_KEYS + extra)
+            metric.set_default_tags(self.tags)
+            return metric
+
+        def gauge(name: str, description: str) -> Gauge:
+            metric = Gauge(f"eagleray_{name}", description=description, tag_keys=TAG_KEYS)
+            metric.set_default_tags(self.tags)
+            return metric
+
+        self.rows = counter("rows", "rows finished, by status (ok or error)", ("status",))
+        self.tokens = counter("generated_tokens", "new tokens generated")
+        self.steps = counter("steps", "draft/verify steps")
+        self.fallbacks = counter("fallbacks", "steps that fell back to the static tree")
+        self.cache_lookups = counter("cache_lookups", "look-ups per cache level", ("level",))
+        self.cache_hits = counter("cache_hits", "hits (stored value reused) per cache level", ("level",))
+        self.shared_unreachable = counter(
+            "shared_cache_unreachable", "failed calls to the shared cache actor"
+        )
+        self.tau = gauge("mean_accepted_tokens", "tau: tokens gained per step, this actor so far")
+        self.decision_overhead = gauge(
+            "decision_overhead_fraction", "share of generation wall time spent deciding trees"
+        )
+        self.tokens_per_s = gauge("tokens_per_second", "generated tokens per second of generation time")
+        self.row_seconds = Histogram(
+            "eagleray_row_seconds",
+            description="generation seconds per row",
+            boundaries=ROW_SECONDS_BOUNDARIES,
+            tag_keys=TAG_KEYS,
+        )
+        self.row_seconds.set_default_tags(self.tags)
+        self._last: dict[str, float] = {}
+
+    def _add(self, metric: Counter, key: str, total: float, tags: dict[str, str] | None = None) -> None:
+        """Increase `metric` by how much `total` grew since the last call for this key."""
+        delta = total - self._last.get(key, 0)
+        self._last[key] = total
+        if delta > 0:
+            metric.inc(delta, tags=tags)
+
+    def publish(self, stats: dict, row_seconds: list[float]) -> None:
+        """Publish an actor's cumulative stats (`GenerationActor.stats()`) and this batch's row times."""
+        self._add(self.rows, "rows_ok", stats["rows_ok"], {"status": "ok"})
+        self._add(self.rows, "rows_error", stats["rows_error"], {"status": "error"})
+        self._add(self.tokens, "tokens", stats["generated_tokens"])
+        self._add(self.steps, "steps", stats["steps"])
+        optimizer = stats.get("optimizer")
+        if optimizer is not None:
+            self._add(self.fallbacks, "fallbacks", optimizer["fallbacks"])
+            for level, lookups in optimizer["cache_lookups"].items():
+                self._add(self.cache_lookups, f"lookups:{level}", lookups, {"level": level})
+                self._add(self.cache_hits, f"hits:{level}", optimizer["cache_hits"][level], {"level": level})
+        decisions = stats.get("decisions")
+        if decisions is not None:
+            for level, hits in (("prompt_local", "local_hits"), ("prompt_shared", "shared_hits")):
+                lookups = decisions["lookups"] if level == "prompt_local" else decisions["shared_lookups"]
+                self._add(self.cache_lookups, f"lookups:{level}", lookups, {"level": level})
+                self._add(self.cache_hits, f"hits:{level}", decisions[hits], {"level": level})
+            self._add(self.shared_unreachable, "unreachable", decisions["shared_unreachable"])
+        if stats["steps"]:
+            self.tau.set(stats["emitted_in_steps"] / stats["steps"])
+        if stats["generation_seconds"] > 0:
+            self.tokens_per_s.set(stats["generated_tokens"] / stats["generation_seconds"])
+            self.decision_overhead.set(stats["decision_seconds"] / stats["generation_seconds"])
+        for seconds in row_seconds:
+            self.row_seconds.observe(seconds)

@@ -1,0 +1,1 @@
+"""The Ray Data dataflow: config, input and row validation, resources, build_pipeline."""

@@ -1,0 +1,129 @@
+"""The job's root configuration, validated (pydantic) before any work starts.
+
+`GenerateConfig` is the one config the job entry point builds from its arguments and passes down: the pipeline
+derives resources from it, and each generation actor receives it (as a dict) to load its models and controller.
+Paths to models are resolved by the entry point (the demo models when none are given); this module checks values,
+not files. Nothing here imports ray, or torch at import time (Ray Data's validation workers import this module).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from engine.types import TreeParams
+
+POLICY_KEYWORDS = ("static", "heuristic")
+# The columns the job adds to every row. An input that already has one of them is refused before any work starts,
+# so that no input column is overwritten.
+OUTPUT_COLUMNS = (
+    "generated_text",
+    "num_input_tokens",
+    "num_generated_tokens",
+    "num_steps",
+    "mean_accepted_tokens",
+    "time_taken_llm",
+    "tree_params",
+    "__inference_error__",
+)
+ERROR_COLUMN = "__inference_error__"
+MAX_TEMPERATURE = 100.0
+
+
+class GenerateConfig(BaseModel):
+    """Everything `python -m jobs.generate` needs. Field descriptions double as the `--help` text."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str = Field(description="Parquet file, folder or glob; local, or any pyarrow filesystem URI")
+    output: str = Field(description="output folder for the Parquet results and _stats.json")
+    prompt_column: str = Field("prompt", min_length=1, description="input column holding the prompt text")
+    id_column: str = Field("id", min_length=1, description="input column holding a row id")
+    model: str = Field(description="target model folder (any local HF Llama/Qwen2/Qwen3/Mistral causal LM)")
+    draft: str = Field(description="EAGLE-1/2 draft head folder for that target")
+    policy: str = Field(
+        description="tree policy: a trained policy folder, 'static' (always --tree) or 'heuristic'"
+    )
+    tree: str = Field("8/4/2", description="total_tokens/depth/top_k for 'static', and the fallback tree")
+    max_new_tokens: int = Field(128, gt=0, description="new tokens per row unless the row says otherwise")
+    max_new_tokens_cap: int = Field(
+        4096, gt=0, description="largest max_new_tokens a row may ask for; above it the row is an error"
+    )
+    temperature: float = Field(
+        0.0, ge=0.0, le=MAX_TEMPERATURE, description="0 is greedy; rows may override with a column"
+    )
+    num_actors: int = Field(1, ge=1, description="generation actors (one per GPU on a GPU cluster)")
+    batch_size: int = Field(16, ge=1, description="rows per batch handed to a generation actor")
+    shared_cache: bool = Field(
+        True, description="share prompt-level tree decisions across actors through the FAISS cache actor"
+    )
+    similarity_threshold: float = Field(
+        0.85, gt=0.0, le=1.0, description="cosine at which a similar prompt reuses a decision"
+    )
+    address: str | None = Field(
+        None, description="Ray address; default: the cluster in RAY_ADDRESS or a new local one"
+    )
+    namespace: str = Field("eagleray", min_length=1, description="Ray namespace of the shared cache actor")
+    cache_name: str = Field("context-cache", min_length=1, description="name of the shared cache actor")
+    num_gpus_per_actor: float | None = Field(
+        None, ge=0.0, description="GPUs per actor; default 1 when the cluster has GPUs, else 0"
+    )
+    cpus_per_actor: float | None = Field(
+        None, gt=0.0, description="CPUs per actor; default: the cluster's CPUs split between the actors"
+    )
+    job_name: str = Field("eagleray", min_length=1, description="tag on the dashboard metrics")
+    seed: int = Field(0, ge=0, description="seeds sampling (temperature > 0); each row gets its own stream")
+    overwrite: bool = Field(False, description="replace Parquet files already in the output folder")
+    progress: bool = Field(True, description="show Ray Data progress bars")
+
+    @field_validator("temperature")
+    @classmethod
+    def _finite_temperature(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"temperature must be finite, got {value}")
+        return value
+
+    @field_validator("tree")
+    @classmethod
+    def _valid_tree(cls, value: str) -> str:
+        from engine.types import TreeParams  # imported here: row-validation workers never load torch
+
+        TreeParams.parse(value)  # raises a ValueError that names the expected form
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerateConfig:
+        if self.max_new_tokens > self.max_new_tokens_cap:
+            raise ValueError(
+                f"max_new_tokens {self.max_new_tokens} is above max_new_tokens_cap {self.max_new_tokens_cap}"
+            )
+        if self.prompt_column == self.id_column:
+            raise ValueError(f"prompt_column and id_column are both {self.prompt_column!r}")
+        return self
+
+    @property
+    def static_tree(self) -> TreeParams:
+        from engine.types import TreeParams
+
+        return TreeParams.parse(self.tree)
+
+    @property
+    def policy_kind(self) -> str:
+        """'static', 'heuristic' or 'learned' (a policy folder)."""
+        return self.policy if self.policy in POLICY_KEYWORDS else "learned"
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem, naming the option: 'max_new_tokens: Input should be greater than 0 (got -3)'."""
+    lines = []
+    for item in error.errors():
+        message = item["msg"].removeprefix("Value error, ")
+        if item["loc"]:
+            location = ".".join(str(part) for part in item["loc"])
+            lines.append(f"{location}: {message} (got {item.get('input')!r})")
+        else:
+            lines.append(f"config: {message}")
+    return "\n".join(lines)

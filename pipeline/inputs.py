@@ -1,0 +1,117 @@
+"""Find the input Parquet files and check their schema before any actor starts.
+
+An input is a file, a folder (searched recursively for *.parquet) or a glob, on local disk or at any URI that
+`pyarrow.fs.FileSystem.from_uri` understands (s3://, gs://, hdfs://, file://). Every problem here is fatal and
+raised as `InputError` with a message that names the path or column: the job stops before any work. Row-level
+problems are not this module's business (see `rows.py`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pipeline.config import OUTPUT_COLUMNS
+
+GLOB_CHARACTERS = "*?["
+
+
+class InputError(ValueError):
+    """The input cannot be read as a prompt set (missing, unreadable, or without the prompt column)."""
+
+
+@dataclass(frozen=True)
+class InputFiles:
+    """The resolved input: files on one filesystem, their common schema and their total row count."""
+
+    filesystem: pafs.FileSystem
+    paths: list[str]
+    schema: pa.Schema
+    num_rows: int
+
+
+def split_uri(location: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path on it). Plain paths are local; 'scheme://...' goes through pyarrow."""
+    if "://" in location:
+        try:
+            return pafs.FileSystem.from_uri(location)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as error:
+            raise InputError(f"cannot open {location!r}: {error}") from error
+    return pafs.LocalFileSystem(), posixpath.abspath(location)
+
+
+def list_parquet_files(location: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The Parquet files a file, folder or glob names, sorted; InputError when there are none."""
+    filesystem, path = split_uri(location)
+    if any(character in path for character in GLOB_CHARACTERS):
+        base = path
+        while any(character in base for character in GLOB_CHARACTERS):
+            base = posixpath.dirname(base)
+        candidates = _files_under(filesystem, base, location)
+        paths = [candidate for candidate in candidates if _glob_match(candidate, path)]
+    else:
+        info = filesystem.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise InputError(f"input {location!r} does not exist")
+        if info.type == pafs.FileType.File:
+            paths = [path]
+        else:
+            paths = [p for p in _files_under(filesystem, path, location) if p.endswith(".parquet")]
+    if not paths:
+        raise InputError(f"input {location!r} matches no Parquet files")
+    return filesystem, sorted(paths)
+
+
+def _glob_match(path: str, pattern: str) -> bool:
+    """Shell-style match where wildcards stay inside one path component ('a/*.parquet' is not 'a/b/c.parquet')."""
+    parts, pattern_parts = path.split("/"), pattern.split("/")
+    return len(parts) == len(pattern_parts) and all(
+        fnmatch.fnmatchcase(part, pattern_part)
+        for part, pattern_part in zip(parts, pattern_parts, strict=True)
+    )
+
+
+def _files_under(filesystem: pafs.FileSystem, base: str, location: str) -> list[str]:
+    try:
+        infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    except OSError as error:
+        raise InputError(f"cannot list {location!r}: {error}") from error
+    return [info.path for info in infos if info.type == pafs.FileType.File]
+
+
+def resolve_input(location: str, prompt_column: str) -> InputFiles:
+    """Resolve and check the input: every file readable as Parquet, each with `prompt_column`, none with a column
+    the job writes. Reads only the files' footers."""
+    filesystem, paths = list_parquet_files(location)
+    schema: pa.Schema | None = None
+    num_rows = 0
+    for path in paths:
+        try:
+            metadata = pq.read_metadata(path, filesystem=filesystem)
+        except (OSError, pa.ArrowException) as error:
+            raise InputError(f"cannot read {path!r} as Parquet: {error}") from error
+        file_schema = metadata.schema.to_arrow_schema()
+        if prompt_column not in file_schema.names:
+            raise InputError(
+                f"{path!r} has no prompt column {prompt_column!r}; available columns: {file_schema.names} "
+                "(choose one with --prompt-column)"
+            )
+        clashes = [name for name in OUTPUT_COLUMNS if name in file_schema.names]
+        if clashes:
+            raise InputError(
+                f"{path!r} already has column(s) {clashes}, which the job writes; rename them in the input"
+            )
+        if schema is None:
+            schema = file_schema
+        elif not file_schema.equals(schema):
+            raise InputError(
+                f"{path!r} has a different schema from {paths[0]!r}:\n{file_schema}\nvs\n{schema}"
+            )
+        num_rows += metadata.num_rows
+    assert schema is not None
+    return InputFiles(filesystem, paths, schema, num_rows)

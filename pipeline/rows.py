@@ -1,0 +1,109 @@
+"""Row validation: decide, per row, what to generate or why not.
+
+A row is an error row, with `__inference_error__` naming the problem, when its prompt is null, not a string,
+empty or whitespace, or when its own `max_new_tokens` / `temperature` column holds a value that is negative,
+NaN, infinite, not a number, or above the cap. Nothing is clamped. A null in a parameter column means "use the
+job's default". A prompt too long for the model's context is found later, by the actor, once it is tokenized.
+This module never drops a row: `validate_rows` returns exactly the rows it was given, in order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from pipeline.config import ERROR_COLUMN, MAX_TEMPERATURE, GenerateConfig
+
+MAX_NEW_TOKENS_COLUMN = "max_new_tokens"
+TEMPERATURE_COLUMN = "temperature"
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """What to do with one row: generate `prompt` with these settings, or report `error`."""
+
+    prompt: str | None
+    max_new_tokens: int
+    temperature: float
+    error: str | None = None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _max_new_tokens(value, config: GenerateConfig) -> tuple[int, str | None]:
+    if value is None:
+        return config.max_new_tokens, None
+    if not _is_number(value) or not math.isfinite(value) or value != int(value):
+        return 0, f"max_new_tokens must be a whole number, got {value!r}"
+    if value < 1:
+        return 0, f"max_new_tokens must be >= 1, got {value!r}"
+    if value > config.max_new_tokens_cap:
+        return 0, f"max_new_tokens {value!r} is above the cap of {config.max_new_tokens_cap}"
+    return int(value), None
+
+
+def _temperature(value, config: GenerateConfig) -> tuple[float, str | None]:
+    if value is None:
+        return config.temperature, None
+    if not _is_number(value) or not math.isfinite(value):
+        return 0.0, f"temperature must be a finite number, got {value!r}"
+    if value < 0:
+        return 0.0, f"temperature must be >= 0, got {value!r}"
+    if value > MAX_TEMPERATURE:
+        return 0.0, f"temperature {value!r} is above the cap of {MAX_TEMPERATURE}"
+    return float(value), None
+
+
+def plan_row(prompt, max_new_tokens, temperature, config: GenerateConfig) -> RowPlan:
+    """Check one row's prompt and parameters (the values as Python objects, None for null)."""
+    if prompt is None:
+        error = "prompt is null"
+    elif not isinstance(prompt, str):
+        error = f"prompt must be text, got {type(prompt).__name__}"
+    elif not prompt.strip():
+        error = "prompt is empty or whitespace" if prompt else "prompt is empty"
+    else:
+        error = None
+    tokens, tokens_error = _max_new_tokens(max_new_tokens, config)
+    temp, temperature_error = _temperature(temperature, config)
+    problems = [problem for problem in (error, tokens_error, temperature_error) if problem]
+    if problems:
+        return RowPlan(None, tokens, temp, "; ".join(problems))
+    return RowPlan(prompt, tokens, temp)
+
+
+def _column(table: pa.Table, name: str) -> list:
+    return table.column(name).to_pylist() if name in table.column_names else [None] * table.num_rows
+
+
+def plan_rows(table: pa.Table, config: GenerateConfig) -> list[RowPlan]:
+    """One RowPlan per row of `table`, in order. A row that already carries an error keeps it."""
+    prompts = _column(table, config.prompt_column)
+    tokens = _column(table, MAX_NEW_TOKENS_COLUMN)
+    temperatures = _column(table, TEMPERATURE_COLUMN)
+    errors = _column(table, ERROR_COLUMN)
+    plans = []
+    for prompt, max_new_tokens, temperature, error in zip(prompts, tokens, temperatures, errors, strict=True):
+        plan = plan_row(prompt, max_new_tokens, temperature, config)
+        if error is not None:
+            plan = RowPlan(None, plan.max_new_tokens, plan.temperature, error)
+        plans.append(plan)
+    return plans
+
+
+def validate_rows(table: pa.Table, config: GenerateConfig) -> pa.Table:
+    """The same rows with `__inference_error__` set (string, null when the row is fine)."""
+    errors = pa.array([plan.error for plan in plan_rows(table, config)], type=pa.string())
+    if ERROR_COLUMN in table.column_names:
+        return table.set_column(table.column_names.index(ERROR_COLUMN), ERROR_COLUMN, errors)
+    return table.append_column(ERROR_COLUMN, errors)
+
+
+def validate_batch(table: pa.Table, config: dict) -> pa.Table:
+    """`validate_rows` for Ray Data's map_batches (the config as a dict). It lives here, not beside the pipeline,
+    so that the validation workers import only pyarrow and pydantic (0.2 s), not the engine (5 s)."""
+    return validate_rows(table, GenerateConfig(**config))

@@ -1,0 +1,120 @@
+"""The generation actor and its prompt-level decisions as plain classes, without a cluster."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from actors.decisions import PromptController, PromptDecisions
+from actors.generation import GenerationActor
+from engine.demo.build import demo_paths
+from engine.types import DecodingState, DraftConfidence, StepStats, TreeParams
+from pipeline.config import ERROR_COLUMN, GenerateConfig
+from pipeline.rows import validate_rows
+
+
+def toy_encoder(texts: list[str]) -> np.ndarray:
+    """Deterministic unit vectors by text length bucket: equal texts -> equal vectors."""
+    vectors = np.zeros((len(texts), 384), dtype=np.float32)
+    for row, text in enumerate(texts):
+        vectors[row, len(text) % 384] = 1.0
+    return vectors
+
+
+def steps_of(tree: TreeParams, count: int) -> list[StepStats]:
+    confidence = DraftConfidence(0.5, 1.0, -1.0, -1.0)
+    return [StepStats(i, tree, 2, 3, 0.01, 0.01, confidence, 10 + i) for i in range(count)]
+
+
+class RecordingController:
+    def __init__(self) -> None:
+        self.decided = self.observed = self.finished = 0
+
+    def decide(self, state):
+        self.decided += 1
+        return TreeParams(8, 4, 2)
+
+    def observe(self, stats):
+        self.observed += 1
+
+    def finish(self, num_new_tokens, wall_seconds):
+        self.finished += 1
+
+
+def state(step_index: int) -> DecodingState:
+    return DecodingState(step_index, 5, step_index, 5 + step_index, None)
+
+
+def test_local_decisions_publish_then_hit_and_the_controller_uses_them():
+    decisions = PromptDecisions("actor-a", lambda: toy_encoder)
+    first = decisions.submit(["abc"], ["k1"])[0]
+    assert first.result(timeout=30) is None  # nothing stored yet
+    decisions.publish(["k1"], [steps_of(TreeParams(12, 11, 1), 3)]).result(timeout=30)
+    again = decisions.submit(["abc"], ["k1"])[0]
+    assert again.result(timeout=30) == TreeParams(12, 11, 1)
+    policy = RecordingController()
+    controller = PromptController(again, policy, decisions)
+    assert controller.decide(state(0)) == TreeParams(12, 11, 1)
+    controller.observe(steps_of(TreeParams(12, 11, 1), 1)[0])
+    controller.finish(10, 0.1)
+    assert (policy.decided, policy.observed, policy.finished) == (0, 0, 0)  # the policy was never asked
+    counters = decisions.counters
+    assert (counters.lookups, counters.local_hits, counters.published) == (2, 1, 1)
+    decisions.close()
+
+
+def test_a_look_up_still_running_at_step_zero_leaves_the_generation_to_the_policy():
+    from concurrent.futures import Future
+
+    decisions = PromptDecisions("actor-a", lambda: toy_encoder)
+    pending: Future = Future()
+    policy = RecordingController()
+    controller = PromptController(pending, policy, decisions)
+    assert controller.decide(state(0)) == TreeParams(8, 4, 2)
+    pending.set_result(TreeParams(12, 11, 1))  # arrives too late for this generation
+    assert controller.decide(state(1)) == TreeParams(8, 4, 2)
+    assert policy.decided == 2 and decisions.counters.not_ready == 1
+    decisions.close()
+
+
+def test_a_failing_encoder_costs_only_the_look_up():
+    def broken(texts):
+        raise RuntimeError("encoder down")
+
+    decisions = PromptDecisions("actor-a", lambda: broken)
+    assert decisions.submit(["abc"], ["k1"])[0].result(timeout=30) is None
+    assert decisions.counters.failures == 1 and "encoder down" in decisions.last_error
+    decisions.close()
+
+
+@pytest.fixture(scope="module")
+def actor_config(tiny_demo) -> dict:
+    paths = demo_paths(tiny_demo)
+    return GenerateConfig(
+        input="unused.parquet",
+        output="unused",
+        model=paths["target"],
+        draft=paths["draft"],
+        policy=paths["policy"],
+        max_new_tokens=6,
+    ).model_dump()
+
+
+def test_a_row_that_raises_in_the_engine_fails_alone(actor_config, tiny_demo):
+    def fail_second(index, request):
+        if index == 1:
+            raise RuntimeError("injected engine fault")
+
+    actor = GenerationActor(actor_config, load_encoder=lambda: toy_encoder, before_request=fail_second)
+    prompts = ["def f(x):", "import os", "class A:"]
+    config = GenerateConfig(**actor_config)
+    out = actor(validate_rows(pa.table({"id": [1, 2, 3], "prompt": prompts}), config))
+    errors = out.column(ERROR_COLUMN).to_pylist()
+    assert errors[0] is None and errors[2] is None
+    assert errors[1] == "RuntimeError: injected engine fault"
+    texts = out.column("generated_text").to_pylist()
+    assert texts[0] is not None and texts[1] is None and texts[2] is not None
+    stats = actor.stats()
+    assert (stats["rows_ok"], stats["rows_error"]) == (2, 1)
+    assert stats["decisions"]["lookups"] == 3

@@ -1,0 +1,71 @@
+"""`ray job submit` of the unchanged job against a real `ray start --head` that this test starts (token
+authentication left at Ray's default), with the runtime_env the repository ships."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from engine.demo.build import demo_paths
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """A head node started with the `ray` CLI; stopped (with every Ray process on the machine) afterwards."""
+    if ray.is_initialized():
+        ray.shutdown()  # `ray stop` below would kill the test process's local Ray anyway
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
+    env.pop("RAY_ADDRESS", None)
+    env["RAY_AUTH_MODE"] = "token"  # token authentication on, for the head and for the job client
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    subprocess.run([ray_cli, "get-auth-token", "--generate"], check=True, env=env, capture_output=True)
+    dashboard_port = free_port()
+    subprocess.run(
+        [ray_cli, "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard_port}"]
+        + ["--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
+    yield env, ray_cli, f"http://127.0.0.1:{dashboard_port}"
+    subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_runs_the_job(ray_head, tiny_demo, tmp_path):
+    env, ray_cli, address = ray_head
+    paths = demo_paths(tiny_demo)
+    prompts = pq.read_table(paths["prompts"]).column("prompt").to_pylist()[:3] + [""]
+    input_path = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3, 4], "prompt": prompts}), input_path)
+    output = tmp_path / "out"
+    command = [ray_cli, "job", "submit", "--address", address, "--working-dir", REPO]
+    command += ["--runtime-env", os.path.join(REPO, "jobs", "generate.yaml"), "--"]
+    command += ["python", "-m", "jobs.generate", "--input", str(input_path), "--output", str(output)]
+    command += ["--model", paths["target"], "--draft", paths["draft"], "--policy", paths["policy"]]
+    command += ["--max-new-tokens", "8", "--no-progress"]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420, cwd=REPO)
+    assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-4000:]
+    assert "succeeded" in finished.stdout
+    assert "eagleray job summary" in finished.stdout
+    table = pq.read_table(str(output))
+    assert sorted(table.column("id").to_pylist()) == [1, 2, 3, 4]
+    errors = {row["id"]: row["__inference_error__"] for row in table.to_pylist()}
+    assert errors[1] is None and errors[2] is None and errors[3] is None
+    assert "empty" in errors[4]
+    assert os.path.isfile(output / "_stats.json")
