@@ -5,7 +5,7 @@ one run; then measure the cross-actor cache on a workload of repeated and paraph
 
 Throughput methods (greedy, same prompts, each timed from loading its models to the last token):
   direct       the engine's loop in this process: GenerationActor's engine and controller, no Ray;
-  pipeline_1   `run_generate` with 1 generation actor (shared cache on, as a job runs by default);
+  pipeline_1   `run_generate` with 1 generation actor (shared cache off, as a job runs by default);
   pipeline_2   the same with 2 actors;
   hf_batched   HF `generate` on left-padded batches of --hf-batch-size, the baseline a user would otherwise pick.
 Ratios are tokens/s over the direct loop's. Pipeline outputs are also checked against the direct loop's text.

@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--num-actors", type=int, default=1, help=_help("num_actors"))
     parser.add_argument("--batch-size", type=int, default=16, help=_help("batch_size"))
     parser.add_argument(
-        "--shared-cache", action=argparse.BooleanOptionalAction, default=True, help=_help("shared_cache")
+        "--shared-cache", action=argparse.BooleanOptionalAction, default=False, help=_help("shared_cache")
     )
     parser.add_argument(
         "--similarity-threshold", type=float, default=0.85, help=_help("similarity_threshold")

@@ -58,7 +58,9 @@ class GenerateConfig(BaseModel):
     num_actors: int = Field(1, ge=1, description="generation actors (one per GPU on a GPU cluster)")
     batch_size: int = Field(16, ge=1, description="rows per batch handed to a generation actor")
     shared_cache: bool = Field(
-        True, description="share prompt-level tree decisions across actors through the FAISS cache actor"
+        False,
+        description="share prompt-level tree decisions across actors through the FAISS cache actor (off by "
+        "default: on CPUs the prompt embeddings cost more than the decisions they save, see README)",
     )
     similarity_threshold: float = Field(
         0.85, gt=0.0, le=1.0, description="cosine at which a similar prompt reuses a decision"

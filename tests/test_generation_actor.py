@@ -98,6 +98,7 @@ def actor_config(tiny_demo) -> dict:
         draft=paths["draft"],
         policy=paths["policy"],
         max_new_tokens=6,
+        shared_cache=True,
     ).model_dump()
 
 

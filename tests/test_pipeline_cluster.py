@@ -51,6 +51,7 @@ def test_two_nodes_generate_and_share_the_cache(two_node_cluster, tiny_demo, tmp
         batch_size=2,
         num_actors=2,
         num_gpus_per_actor=1.0,
+        shared_cache=True,
         progress=False,
         cache_name=f"cluster-cache-{os.getpid()}",
     )

@@ -71,6 +71,7 @@ def job_config(tiny_demo, input_path, output, **overrides) -> GenerateConfig:
         "batch_size": 4,
         "progress": False,
         "cache_name": f"cache-{os.getpid()}",
+        "shared_cache": True,
     }
     return GenerateConfig(**{**values, **overrides})
 
