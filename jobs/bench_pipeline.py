@@ -5,7 +5,8 @@ one run; then measure the cross-actor cache on a workload of repeated and paraph
 
 Throughput methods (greedy, same prompts, each timed from loading its models to the last token):
   direct       the engine's loop in this process: GenerationActor's engine and controller, no Ray;
-  pipeline_1   `run_generate` with 1 generation actor (shared cache off, as a job runs by default);
+  pipeline_1   `run_generate` with 1 generation actor (shared cache off, as a job runs by default, unless
+               --shared-cache);
   pipeline_2   the same with 2 actors;
   hf_batched   HF `generate` on left-padded batches of --hf-batch-size, the baseline a user would otherwise pick.
 Ratios are tokens/s over the direct loop's. Pipeline outputs are also checked against the direct loop's text.
@@ -72,6 +73,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--repeats", type=int, default=1, help="timed passes of each method; the median is kept"
     )
     parser.add_argument("--skip-cache-workload", action="store_true")
+    parser.add_argument(
+        "--shared-cache",
+        action="store_true",
+        help="turn the shared cache on for pipeline_1 and pipeline_2 (the cache workload runs both ways anyway)",
+    )
     parser.add_argument("--model", default=None, help="target folder (default: the demo target)")
     parser.add_argument("--draft", default=None, help="draft head folder (default: the demo draft)")
     parser.add_argument(
@@ -252,6 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
         batch_size=args.batch_size,
         progress=False,
         overwrite=True,
+        shared_cache=args.shared_cache,
     )
     ray.init(include_dashboard=False, log_to_driver=False)
     # The direct loop and HF get the torch threads that one pipeline actor gets, so only Ray differs.
