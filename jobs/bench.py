@@ -13,8 +13,6 @@ version.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -33,6 +31,7 @@ from engine.target import TargetModel
 from engine.types import EAGLE_DEFAULT_TREE, TreeParams
 from jobs.demo import ensure_demo
 from jobs.prompts import read_prompt_column
+from jobs.results import write_json
 from policy.actions import DEFAULT_ACTIONS
 from policy.controllers import HeuristicController
 from policy.optimizer import AdaptiveParameterPredictor, PrototypeStyleController, RLInferenceOptimizer
@@ -182,10 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(format_stats(optimizer.snapshot()))
     print(format_table(payload["methods"]))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(payload, f, indent=2)
-        print(f"wrote {args.json}")
+        write_json(args.json, payload)
     return payload
 
 

@@ -16,7 +16,6 @@ in ms and writes the figures as JSON. The bar: a single look-up's p99 <= 2 ms at
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -28,6 +27,7 @@ import ray
 from tqdm import tqdm
 
 from actors.context_cache import get_or_create_context_cache
+from jobs.results import write_json
 from policy.context_index import ContextIndex
 from policy.context_snapshot import FLAT_MAX_ENTRIES
 
@@ -333,10 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     results["load_average_after"] = [round(value, 2) for value in os.getloadavg()]
     print_table(results)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as file:
-            json.dump(results, file, indent=1)
-        print(f"wrote {args.json}")
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ tokens/s both ways. Every figure is measured; nothing is estimated.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
@@ -39,6 +38,7 @@ from actors.generation import GenerationActor
 from engine.demo.build import DEFAULT_DEMO_ROOT
 from jobs.demo import ensure_demo
 from jobs.prompts import read_prompt_column
+from jobs.results import write_json
 from pipeline.build import run_generate
 from pipeline.config import GenerateConfig
 from pipeline.resources import plan_actor_resources
@@ -327,10 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["cache_workload"][label] = decisions_record(run["summary"])
     print(format_results(results))
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-        print(f"wrote {args.json}")
+        write_json(args.json, results)
     return results
 
 
