@@ -18,7 +18,6 @@ cache only, counts the outage, and tries the shared actor again after `retry_aft
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +35,8 @@ MIN_STEPS_FOR_RATE = 2  # a tree used for fewer steps than this is not trusted a
 
 @dataclass
 class DecisionCounters:
-    """Prompt-level counts. `cross_actor_hits` are shared hits on entries another actor published;
+    """Prompt-level counts. Each counter has one writer: `not_ready`, `steps_served` and `generations_served`
+    the generation thread, the rest the background thread; so no lock is needed. `cross_actor_hits` are shared hits on entries another actor published;
     `steps_served` are engine steps whose tree came from a cached decision (no policy call)."""
 
     lookups: int = 0
@@ -105,7 +105,6 @@ class PromptDecisions:
         self.last_error: str | None = None
         self._shared_down_until = 0.0
         self._embeddings: dict[str, np.ndarray] = {}  # key -> embedding, kept from look-up until publish
-        self._lock = threading.Lock()  # guards counters shared with the generation thread
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eagleray-prompt-decisions")
         self._encoder: Future = self._executor.submit(self._load_encoder, load_encoder)
 
@@ -130,13 +129,11 @@ class PromptDecisions:
     def record(self, served_steps: int | None) -> None:
         """A generation finished: on a cached tree for `served_steps` steps, or (None) on the policy."""
         if served_steps is not None:
-            with self._lock:
-                self.counters.generations_served += 1
-                self.counters.steps_served += served_steps
+            self.counters.generations_served += 1
+            self.counters.steps_served += served_steps
 
     def count_not_ready(self) -> None:
-        with self._lock:
-            self.counters.not_ready += 1
+        self.counters.not_ready += 1
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
