@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 import uuid
 from dataclasses import asdict
@@ -109,12 +110,16 @@ class GenerationActor:
             base_model_path=self.config.model,
             ea_model_path=self.config.draft,
             dtype="auto",
+            trust_remote_code=self.config.trust_remote_code,
         ).to(self.device)
         self.tokenizer = self.model.get_tokenizer()
         self.context_limit = self.model.target.context_limit
         self.optimizer: RLInferenceOptimizer | None = None
         self.controller = self._build_controller()
         self.actor_id = self._actor_id()
+        # A restarted actor keeps its id but starts a new process with fresh totals: each incarnation reports
+        # its own, and the job summary adds them up.
+        self.reporter = f"{self.actor_id}/{os.getpid()}"
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
         self.job_id = job_id
         self.cache = cache
@@ -187,6 +192,7 @@ class GenerationActor:
                 controller=controller,
                 sampling=SamplingParams(temperature=rows[index][0].temperature),
                 seed=row_seed(self.config.seed, ids_column[index]),
+                timeout_s=self.config.row_timeout_s,
             )
             for index, controller in zip(todo, controllers, strict=True)
         ]
@@ -234,6 +240,10 @@ class GenerationActor:
         if plan.error is not None:
             return plan, []
         prompt_ids = self.tokenizer(plan.prompt).input_ids
+        cap = self.config.max_prompt_tokens
+        if cap is not None and len(prompt_ids) > cap:
+            error = f"prompt has {len(prompt_ids)} tokens, above max_prompt_tokens={cap}"
+            return RowPlan(None, plan.max_new_tokens, plan.temperature, error), prompt_ids
         if len(prompt_ids) >= self.context_limit:
             error = (
                 f"prompt has {len(prompt_ids)} tokens; the model's context holds {self.context_limit} "
@@ -281,6 +291,7 @@ class GenerationActor:
         """This actor's cumulative statistics (plain data): totals, the optimizer's and the prompt decisions'."""
         stats = {
             "actor_id": self.actor_id,
+            "pid": os.getpid(),
             "device": self.device,
             "node_id": self.node_id,
             "num_threads": self.num_threads,
@@ -308,6 +319,6 @@ class GenerationActor:
         if self.cache is None:
             return
         try:
-            ray.get(self.cache.report_stats.remote(self.job_id, self.actor_id, stats), timeout=5.0)
+            ray.get(self.cache.report_stats.remote(self.job_id, self.reporter, stats), timeout=5.0)
         except (ray.exceptions.RayError, TimeoutError):
             self.stats_report_failures += 1  # the next report carries the cumulative totals again

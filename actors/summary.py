@@ -25,9 +25,11 @@ TOTAL_KEYS = (
 
 
 def aggregate_actor_stats(per_actor: dict[str, dict]) -> dict:
-    """Sum the actors' stats (from `GenerationActor.stats()`, keyed by actor id) into one dict."""
+    """Sum the actors' stats (from `GenerationActor.stats()`, keyed by reporter: one per actor process, so an
+    actor that Ray restarted appears once per incarnation, each with its own totals) into one dict."""
     totals = {key: sum(stats.get(key, 0) for stats in per_actor.values()) for key in TOTAL_KEYS}
-    summary: dict = {"num_actors": len(per_actor), **totals}
+    num_actors = len({stats.get("actor_id", reporter) for reporter, stats in per_actor.items()})
+    summary: dict = {"num_actors": num_actors, "actor_restarts": len(per_actor) - num_actors, **totals}
     summary["mean_accepted_tokens"] = (
         totals["emitted_in_steps"] / totals["steps"] if totals["steps"] else None
     )
@@ -45,7 +47,9 @@ def aggregate_actor_stats(per_actor: dict[str, dict]) -> dict:
         (s.get("init_seconds") or 0.0 for s in per_actor.values()), default=0.0
     )
     summary["per_actor"] = {
-        actor_id: {
+        reporter: {
+            "actor_id": stats.get("actor_id"),
+            "pid": stats.get("pid"),
             "rows": stats["rows_ok"] + stats["rows_error"],
             "generated_tokens": stats["generated_tokens"],
             "generation_seconds": round(stats["generation_seconds"], 3),
@@ -53,7 +57,7 @@ def aggregate_actor_stats(per_actor: dict[str, dict]) -> dict:
             "device": stats.get("device"),
             "node_id": stats.get("node_id"),
         }
-        for actor_id, stats in sorted(per_actor.items())
+        for reporter, stats in sorted(per_actor.items())
     }
     optimizers = [stats["optimizer"] for stats in per_actor.values() if "optimizer" in stats]
     if optimizers:
@@ -77,12 +81,18 @@ def aggregate_actor_stats(per_actor: dict[str, dict]) -> dict:
 def format_summary(summary: dict) -> str:
     """The printed block at the end of a job."""
     rows_in, rows_out = summary["rows_in"], summary["rows_out"]
+    resumed = summary.get("rows_resumed", 0)
+    duplicates, missing = summary.get("duplicate_rows_out", 0), summary.get("missing_rows", 0)
     lines = [
         "eagleray job summary (measured)",
-        f"  rows: {rows_in} in, {rows_out} out, {summary['rows_error']} with errors"
-        + ("" if rows_in == rows_out else "  ** ROW COUNT MISMATCH **"),
-        f"  actors {summary['num_actors']}, wall {summary['wall_seconds']:.1f} s, generated tokens "
-        f"{summary['generated_tokens']}, {summary['tokens_per_wall_second']:.1f} tokens/s of wall time",
+        f"  rows: {rows_in} in, {rows_out} out"
+        + (f" ({resumed} written by an earlier run, resumed)" if resumed else "")
+        + f", {summary['rows_error_in_output'] if 'rows_error_in_output' in summary else summary['rows_error']}"
+        " with errors"
+        + ("" if rows_in == rows_out and not duplicates and not missing else "  ** ROW COUNT MISMATCH **"),
+        f"  ids: {summary.get('unique_ids_out', rows_out)} unique out, {duplicates} duplicate rows, {missing} missing",
+        f"  actors {summary['num_actors']} ({summary['actor_restarts']} restarts), wall {summary['wall_seconds']:.1f} s, "
+        f"generated tokens {summary['generated_tokens']}, {summary['tokens_per_wall_second']:.1f} tokens/s of wall time",
     ]
     if summary.get("startup_seconds") is not None and summary.get("tokens_per_batch_span_second"):
         lines.append(
@@ -108,9 +118,18 @@ def format_summary(summary: dict) -> str:
                 f"  shared cache unreachable {decisions['shared_unreachable']} times; "
                 f"{decisions['local_only_lookups']} look-ups went local-only"
             )
-    if summary.get("shared_cache"):
-        cache = summary["shared_cache"]
-        lines.append(f"  shared cache actor: {cache}")
+    cache = summary.get("shared_cache")
+    if cache and summary.get("config", {}).get("shared_cache"):
+        lines.append(
+            f"  shared cache actor: {cache['entries']} entries (~{cache['memory_estimate_bytes'] / 2**20:.1f} MiB), "
+            f"{cache['hits']} hits of {cache['lookups']} look-ups, {cache['evictions']} evicted, "
+            f"{cache['restored_entries']} restored from a snapshot"
+        )
+    if cache and cache.get("is_restarted"):
+        lines.append(
+            f"  shared cache actor was restarted after a crash (pid now {cache['pid']}); it restored "
+            f"{cache['restored_entries']} entries from its last snapshot"
+        )
     if "optimizer_text" in summary:
         lines.extend("  " + line for line in summary["optimizer_text"].splitlines())
     if summary["stats_report_failures"]:

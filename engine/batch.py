@@ -8,13 +8,14 @@ context, a bad parameter) gets its error in its own result and the others go on.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from engine.draft_head import DraftHead
-from engine.generate import generate_speculative
+from engine.generate import GenerationTimeout, generate_speculative
 from engine.target import TargetModel
 from engine.types import Controller, GenerationOutput, SamplingParams, TreeParams
 
@@ -25,6 +26,8 @@ class GenerationRequest:
 
     controller: the tree policy for this request (a Controller or a fixed TreeParams).
     seed: seeds the sampling generator (ignored when greedy), so a row's sample does not depend on its batch.
+    timeout_s: if given, the request fails with a GenerationTimeout once it has run this long (checked between
+        steps).
     """
 
     prompt_ids: list[int]
@@ -32,6 +35,7 @@ class GenerationRequest:
     controller: Controller | TreeParams
     sampling: SamplingParams = SamplingParams()
     seed: int = 0
+    timeout_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,7 @@ def generate_batch(
     that request then fails alone)."""
     results: list[RequestResult] = []
     for index, request in enumerate(requests):
+        deadline = None if request.timeout_s is None else time.perf_counter() + request.timeout_s
         try:
             if before_request is not None:
                 before_request(index, request)
@@ -73,8 +78,13 @@ def generate_batch(
                 max_new_tokens=request.max_new_tokens,
                 max_length=max_length,
                 generator=generator,
+                deadline=deadline,
             )
             results.append(RequestResult(output=output))
+        except GenerationTimeout as error:
+            results.append(
+                RequestResult(error=f"GenerationTimeout: over the {request.timeout_s:g} s limit: {error}")
+            )
         except Exception as error:  # one request's failure is that request's result; the batch goes on
             results.append(RequestResult(error=f"{type(error).__name__}: {error}"))
     return results

@@ -68,7 +68,9 @@ class EaModel(torch.nn.Module):
             )
         tokenizer = None
         try:
-            tokenizer = AutoTokenizer.from_pretrained(base_model_path)
+            tokenizer = AutoTokenizer.from_pretrained(
+                base_model_path, trust_remote_code=hf_kwargs["trust_remote_code"]
+            )
         except (OSError, ValueError):
             tokenizer = None  # a target without a tokenizer still generates from ids
         return cls(base_model, head, tree_params, tokenizer, base_model_path)

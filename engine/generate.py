@@ -22,6 +22,10 @@ from engine.types import Controller, DecodingState, GenerationOutput, SamplingPa
 from engine.verify import sample_token, verify_greedy, verify_sampling
 
 
+class GenerationTimeout(RuntimeError):
+    """A generation ran past its deadline (`generate_speculative(..., deadline=...)`)."""
+
+
 class FixedTreeController:
     """The same TreeParams on every step."""
 
@@ -108,8 +112,12 @@ def generate_speculative(
     max_length: int | None = None,
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
+    deadline: float | None = None,
 ) -> GenerationOutput:
-    """EAGLE-2 generation of one sequence. Returns ids [1, prompt + new] and one StepStats per step."""
+    """EAGLE-2 generation of one sequence. Returns ids [1, prompt + new] and one StepStats per step.
+
+    deadline: a time.perf_counter() value; a step that would start after it raises GenerationTimeout instead
+    (a step already running finishes first, so a generation overruns it by at most one step)."""
     started = time.perf_counter()
     ids = as_batch(input_ids).to(target.device)
     prompt_length = ids.shape[1]
@@ -133,6 +141,11 @@ def generate_speculative(
     last_step = None
     vocab_size = target.lm_head.out_features
     while finish is None:
+        if deadline is not None and time.perf_counter() > deadline:
+            raise GenerationTimeout(
+                f"stopped after {time.perf_counter() - started:.1f} s and {len(output) - prompt_length} new "
+                "tokens, past the deadline"
+            )
         state = DecodingState(
             len(steps), prompt_length, len(output) - prompt_length, len(output), last_step, token_ids=output
         )

@@ -8,6 +8,10 @@ building them first when they are missing. The output folder gets Parquet files 
 generated_text, num_input_tokens, num_generated_tokens, num_steps, mean_accepted_tokens, time_taken_llm,
 tree_params and __inference_error__ (null on success), and _stats.json with the job summary. Exit status: 0 when
 the job ran (error rows included), 2 for a bad config or input, which is reported before any work starts.
+
+Rerunning the same command with the same --output resumes an interrupted job: rows already in the output are
+not generated again (ids from --id-column, or computed from each row's file and position when the input has
+no such column). --overwrite starts afresh instead.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ DEFAULT_OUTPUT = "outputs/generate"
 
 def _help(name: str) -> str:
     return GenerateConfig.model_fields[name].description or ""
+
+
+def _optional_float(text: str) -> float | None:
+    """A number, or 'none' for no limit."""
+    return None if text.lower() == "none" else float(text)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,6 +61,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--tree", default="8/4/2", help=_help("tree"))
     parser.add_argument("--max-new-tokens", type=int, default=128, help=_help("max_new_tokens"))
     parser.add_argument("--max-new-tokens-cap", type=int, default=4096, help=_help("max_new_tokens_cap"))
+    parser.add_argument("--max-prompt-tokens", type=int, default=None, help=_help("max_prompt_tokens"))
+    parser.add_argument(
+        "--row-timeout-s",
+        type=_optional_float,
+        default=600.0,
+        help=f"{_help('row_timeout_s')} (default: %(default)s)",
+    )
     parser.add_argument("--temperature", type=float, default=0.0, help=_help("temperature"))
     parser.add_argument("--num-actors", type=int, default=1, help=_help("num_actors"))
     parser.add_argument("--batch-size", type=int, default=16, help=_help("batch_size"))
@@ -62,7 +78,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--similarity-threshold", type=float, default=0.85, help=_help("similarity_threshold")
     )
     parser.add_argument("--address", default=None, help=_help("address"))
-    parser.add_argument("--namespace", default="eagleray", help=_help("namespace"))
+    parser.add_argument("--namespace", default=None, help=_help("namespace"))
+    parser.add_argument("--cache-memory-mb", type=float, default=256.0, help=_help("cache_memory_mb"))
+    parser.add_argument("--trust-remote-code", action="store_true", help=_help("trust_remote_code"))
     parser.add_argument("--num-gpus-per-actor", type=float, default=None, help=_help("num_gpus_per_actor"))
     parser.add_argument("--cpus-per-actor", type=float, default=None, help=_help("cpus_per_actor"))
     parser.add_argument("--job-name", default="eagleray", help=_help("job_name"))
@@ -88,6 +106,8 @@ def build_config(args: argparse.Namespace) -> GenerateConfig:
         tree=args.tree,
         max_new_tokens=args.max_new_tokens,
         max_new_tokens_cap=args.max_new_tokens_cap,
+        max_prompt_tokens=args.max_prompt_tokens,
+        row_timeout_s=args.row_timeout_s,
         temperature=args.temperature,
         num_actors=args.num_actors,
         batch_size=args.batch_size,
@@ -95,6 +115,8 @@ def build_config(args: argparse.Namespace) -> GenerateConfig:
         similarity_threshold=args.similarity_threshold,
         address=args.address,
         namespace=args.namespace,
+        cache_memory_mb=args.cache_memory_mb,
+        trust_remote_code=args.trust_remote_code,
         num_gpus_per_actor=args.num_gpus_per_actor,
         cpus_per_actor=args.cpus_per_actor,
         job_name=args.job_name,

@@ -1,10 +1,17 @@
 """The Ray Data dataflow and one job run.
 
-    read_parquet -> validate rows (tasks) -> map_batches(GenerationActor, ActorPoolStrategy) -> write_parquet
+    read_parquet -> prepare rows: ids, skip done, validate (tasks) -> map_batches(GenerationActor, ActorPoolStrategy)
+      -> write_parquet
 
 `build_pipeline` wires the dataset; `run_generate` checks the input and output first (fatal problems stop the job
-before any actor starts), connects to or starts Ray, creates the shared cache actor, executes the pipeline, then
-collects every actor's stats into one summary, printed and written to `<output>/_stats.json`.
+before any actor starts), works out what an earlier run of the same job already wrote (`pipeline.resume`),
+connects to or starts Ray, creates the shared cache actor, executes the pipeline, then collects every actor's
+stats into one summary, printed and written to `<output>/_stats.json`.
+
+Faults: Ray Data restarts a generation actor that dies and retries its batch (max_restarts=-1 and
+max_task_retries=-1 are its defaults for actor pools); the cache actor restarts from its snapshot in
+`<output>/_context_cache/` while the generation actors carry on with local caches; a killed driver leaves
+complete result files (and at most one unreadable one per write in flight), from which a rerun resumes.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import math
 import posixpath
 import time
 import uuid
+from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
@@ -26,9 +34,12 @@ from actors.summary import aggregate_actor_stats, format_summary
 from pipeline.config import ERROR_COLUMN, GenerateConfig
 from pipeline.inputs import InputError, InputFiles, resolve_input, split_uri
 from pipeline.resources import IO_TASK_CPUS, ActorResources, plan_actor_resources
-from pipeline.rows import validate_batch
+from pipeline.resume import JOB_NAME, ResumeState, list_result_files, plan_resume
+from pipeline.rows import prepare_batch
 
 STATS_NAME = "_stats.json"
+CACHE_SNAPSHOT_NAME = "_context_cache"
+CACHE_SNAPSHOT_INTERVAL_S = 30.0
 MAX_READ_BLOCKS = 2000
 
 
@@ -41,9 +52,16 @@ def num_read_blocks(num_rows: int, config: GenerateConfig) -> int:
 
 
 def build_pipeline(
-    config: GenerateConfig, inputs: InputFiles, resources: ActorResources, cache, job_id: str, **actor_kwargs
+    config: GenerateConfig,
+    inputs: InputFiles,
+    resources: ActorResources,
+    resume: ResumeState,
+    cache,
+    job_id: str,
+    **actor_kwargs,
 ) -> Dataset:
-    """The dataset that, when written, generates every input row. `actor_kwargs` go to GenerationActor."""
+    """The dataset that, when written, generates every input row not already done (`resume`).
+    `actor_kwargs` go to GenerationActor."""
     context = DataContext.get_current()
     context.enable_progress_bars = config.progress
     context.enable_operator_progress_bars = config.progress
@@ -57,9 +75,17 @@ def build_pipeline(
         filesystem=inputs.filesystem,
         num_cpus=IO_TASK_CPUS,
         override_num_blocks=num_read_blocks(inputs.num_rows, config),
+        include_row_hash=resume.generate_ids,
     )
     dataset = dataset.map_batches(
-        validate_batch, fn_kwargs={"config": config_dict}, batch_format="pyarrow", num_cpus=IO_TASK_CPUS
+        prepare_batch,
+        fn_kwargs={
+            "config": config_dict,
+            "done_digests": resume.done_digests,
+            "generate_ids": resume.generate_ids,
+        },
+        batch_format="pyarrow",
+        num_cpus=IO_TASK_CPUS,
     )
     return dataset.map_batches(
         GenerationActor,
@@ -73,77 +99,126 @@ def build_pipeline(
 
 
 def prepare_output(location: str, overwrite: bool) -> tuple[pafs.FileSystem, str]:
-    """The output folder, created if needed. Parquet files already there are an error unless `overwrite`,
-    which deletes them first (and the old _stats.json)."""
+    """The output folder, created if needed. With `overwrite`, everything an earlier job left there (results,
+    _job.json, _stats.json, the cache snapshots) is deleted first; without it, `resume.plan_resume` decides."""
     filesystem, path = split_uri(location)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.File:
         raise InputError(f"output {location!r} is a file; give a folder")
-    if info.type == pafs.FileType.Directory:
-        existing = [
-            entry.path
-            for entry in filesystem.get_file_info(pafs.FileSelector(path, recursive=False))
-            if entry.path.endswith(".parquet") or posixpath.basename(entry.path) == STATS_NAME
-        ]
-        if existing and not overwrite:
-            raise InputError(
-                f"output {location!r} already holds {len(existing)} result file(s); pass --overwrite to replace "
-                "them, or choose another --output"
-            )
-        for entry in existing:
-            filesystem.delete_file(entry)
+    if info.type == pafs.FileType.Directory and overwrite:
+        for file in list_result_files(filesystem, path):
+            filesystem.delete_file(file)
+        for name in (STATS_NAME, JOB_NAME):
+            if filesystem.get_file_info(posixpath.join(path, name)).type == pafs.FileType.File:
+                filesystem.delete_file(posixpath.join(path, name))
+        cache_path = posixpath.join(path, CACHE_SNAPSHOT_NAME)
+        if filesystem.get_file_info(cache_path).type == pafs.FileType.Directory:
+            filesystem.delete_dir(cache_path)
     filesystem.create_dir(path, recursive=True)
     return filesystem, path
 
 
-def count_output(filesystem: pafs.FileSystem, path: str) -> tuple[int, int]:
-    """(rows, error rows) in the written output, read back from the files' error column."""
-    files = [
-        entry.path
-        for entry in filesystem.get_file_info(pafs.FileSelector(path, recursive=True))
-        if entry.path.endswith(".parquet")
-    ]
+@dataclass(frozen=True)
+class OutputCount:
+    """What the output folder holds, read back from its files."""
+
+    rows: int
+    error_rows: int
+    unique_ids: int
+
+    @property
+    def duplicate_rows(self) -> int:
+        return self.rows - self.unique_ids
+
+
+def count_output(filesystem: pafs.FileSystem, path: str, id_column: str) -> OutputCount:
+    """Rows, error rows and distinct ids in the written output (ids compared as text)."""
     rows = errors = 0
-    for file in files:
-        column = pq.read_table(file, columns=[ERROR_COLUMN], filesystem=filesystem).column(ERROR_COLUMN)
-        rows += len(column)
-        errors += len(column) - column.null_count
-    return rows, errors
+    ids: set[str] = set()
+    for file in list_result_files(filesystem, path):
+        table = pq.read_table(file, columns=[id_column, ERROR_COLUMN], filesystem=filesystem)
+        rows += table.num_rows
+        errors += table.num_rows - table.column(ERROR_COLUMN).null_count
+        ids.update(str(value) for value in table.column(id_column).to_pylist())
+    return OutputCount(rows, errors, len(ids))
+
+
+def read_stats(filesystem: pafs.FileSystem, output_path: str) -> dict:
+    """The summary an earlier run wrote to <output>/_stats.json ({} if there is none)."""
+    path = posixpath.join(output_path, STATS_NAME)
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        return {}
+    with filesystem.open_input_stream(path) as stream:
+        return json.loads(stream.read())
+
+
+def cache_snapshot_path(filesystem: pafs.FileSystem, output_path: str) -> str | None:
+    """Where the shared cache actor keeps snapshots and job statistics: beside the results when they are on a
+    local (or mounted) disk; None for other filesystems (the actor then keeps them in memory only)."""
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        return posixpath.join(output_path, CACHE_SNAPSHOT_NAME)
+    return None
 
 
 def run_generate(config: GenerateConfig, **actor_kwargs) -> dict:
-    """Run one job end to end and return its summary (also printed and written to <output>/_stats.json)."""
+    """Run one job end to end, or resume it, and return its summary (also printed and written to
+    <output>/_stats.json)."""
     inputs = resolve_input(config.input, config.prompt_column)  # fatal problems surface before Ray starts
     filesystem, output_path = prepare_output(config.output, config.overwrite)
+    resume = plan_resume(config, inputs, filesystem, output_path)
+    if resume.num_done >= inputs.num_rows:
+        print(
+            f"eagleray: all {inputs.num_rows} rows are already in {config.output}; nothing to do (--overwrite "
+            "generates them again)"
+        )
+        return read_stats(filesystem, output_path)
     if not ray.is_initialized():
         ray.init(address=config.address, log_to_driver=True)
     resources = plan_actor_resources(config, ray.cluster_resources())
-    cache = get_or_create_context_cache(config.cache_name, config.namespace)
     job_id = f"{config.job_name}-{uuid.uuid4().hex[:8]}"
-    print(
-        f"eagleray: {inputs.num_rows} rows from {len(inputs.paths)} file(s) -> {config.output}; {config.num_actors} "
-        f"actor(s) x {resources.num_cpus:g} CPU, {resources.num_gpus:g} GPU; policy {config.policy_kind}; "
-        f"shared cache {'on' if config.shared_cache else 'off'}; job {job_id}"
+    namespace = config.namespace or f"eagleray-{job_id}"  # a job's own, unless configured to share
+    cache = get_or_create_context_cache(
+        config.cache_name,
+        namespace,
+        max_restarts=-1,  # a cache that always comes back (from its last snapshot); generation never waits
+        snapshot_path=cache_snapshot_path(filesystem, output_path),
+        snapshot_interval_s=CACHE_SNAPSHOT_INTERVAL_S,
+        similarity_threshold=config.similarity_threshold,
+        max_memory_bytes=int(config.cache_memory_mb * 2**20),
     )
+    print(
+        f"eagleray: {inputs.num_rows} rows from {len(inputs.paths)} file(s) -> {config.output}"
+        + (f" ({resume.num_done} already done there, resuming)" if resume.num_done else "")
+        + f"; {config.num_actors} actor(s) x {resources.num_cpus:g} CPU, {resources.num_gpus:g} GPU; policy "
+        f"{config.policy_kind}; shared cache {'on' if config.shared_cache else 'off'}; job {job_id}"
+    )
+    for file in resume.deleted_files:
+        print(f"eagleray: deleted {file}, cut off by an earlier run; its rows are generated again")
     started = time.perf_counter()
     started_at = time.time()
-    dataset = build_pipeline(config, inputs, resources, cache, job_id, **actor_kwargs)
+    dataset = build_pipeline(config, inputs, resources, resume, cache, job_id, **actor_kwargs)
     dataset.write_parquet(output_path, filesystem=filesystem, ray_remote_args={"num_cpus": IO_TASK_CPUS})
     wall_seconds = time.perf_counter() - started
     per_actor = ray.get(cache.job_stats.remote(job_id))
     summary = aggregate_actor_stats(per_actor)
-    rows_out, rows_error_out = count_output(filesystem, output_path)
+    written = count_output(filesystem, output_path, config.id_column)
     summary.update(
         job_id=job_id,
+        namespace=namespace,
         rows_in=inputs.num_rows,
-        rows_out=rows_out,
-        rows_error_in_output=rows_error_out,
+        rows_out=written.rows,
+        rows_resumed=resume.num_done,
+        rows_error_in_output=written.error_rows,
+        unique_ids_out=written.unique_ids,
+        duplicate_rows_out=written.duplicate_rows,
+        missing_rows=inputs.num_rows - written.unique_ids,
+        partial_files_deleted=len(resume.deleted_files),
         wall_seconds=wall_seconds,
         startup_seconds=(
             summary["first_batch_started_at"] - started_at if summary["first_batch_started_at"] else None
         ),
         tokens_per_wall_second=summary["generated_tokens"] / wall_seconds if wall_seconds else 0.0,
-        shared_cache=ray.get(cache.stats.remote()) if config.shared_cache else None,
+        shared_cache=ray.get(cache.stats.remote()),
         config=config.model_dump(),
     )
     with filesystem.open_output_stream(posixpath.join(output_path, STATS_NAME)) as stream:

@@ -52,6 +52,18 @@ class GenerateConfig(BaseModel):
     max_new_tokens_cap: int = Field(
         4096, gt=0, description="largest max_new_tokens a row may ask for; above it the row is an error"
     )
+    max_prompt_tokens: int | None = Field(
+        None,
+        gt=0,
+        description="longest prompt, in tokens, a row may have; longer is a row error (default: whatever fits "
+        "the model's context with the row's new tokens)",
+    )
+    row_timeout_s: float | None = Field(
+        600.0,
+        gt=0.0,
+        description="seconds one row may generate for; a row that runs longer stops and becomes an error row "
+        "(none: no limit)",
+    )
     temperature: float = Field(
         0.0, ge=0.0, le=MAX_TEMPERATURE, description="0 is greedy; rows may override with a column"
     )
@@ -68,7 +80,17 @@ class GenerateConfig(BaseModel):
     address: str | None = Field(
         None, description="Ray address; default: the cluster in RAY_ADDRESS or a new local one"
     )
-    namespace: str = Field("eagleray", min_length=1, description="Ray namespace of the shared cache actor")
+    namespace: str | None = Field(
+        None,
+        min_length=1,
+        description="Ray namespace of the shared cache actor; jobs given the same one share its entries "
+        "(default: one of the job's own, so no other job reads them)",
+    )
+    cache_memory_mb: float = Field(
+        256.0,
+        gt=0.0,
+        description="memory bound of the shared cache's entries; beyond it the least recently used are evicted",
+    )
     cache_name: str = Field("context-cache", min_length=1, description="name of the shared cache actor")
     num_gpus_per_actor: float | None = Field(
         None, ge=0.0, description="GPUs per actor; default 1 when the cluster has GPUs, else 0"
@@ -76,9 +98,16 @@ class GenerateConfig(BaseModel):
     cpus_per_actor: float | None = Field(
         None, gt=0.0, description="CPUs per actor; default: the cluster's CPUs split between the actors"
     )
+    trust_remote_code: bool = Field(
+        False, description="let Hugging Face run Python code shipped with the model folder (off: never)"
+    )
     job_name: str = Field("eagleray", min_length=1, description="tag on the dashboard metrics")
     seed: int = Field(0, ge=0, description="seeds sampling (temperature > 0); each row gets its own stream")
-    overwrite: bool = Field(False, description="replace Parquet files already in the output folder")
+    overwrite: bool = Field(
+        False,
+        description="start afresh: delete the results already in the output folder (without it, a rerun of "
+        "the same job resumes where it stopped)",
+    )
     progress: bool = Field(True, description="show Ray Data progress bars")
 
     @field_validator("temperature")

@@ -4,7 +4,8 @@ A row is an error row, with `__inference_error__` naming the problem, when its p
 empty or whitespace, or when its own `max_new_tokens` / `temperature` column holds a value that is negative,
 NaN, infinite, not a number, or above the cap. Nothing is clamped. A null in a parameter column means "use the
 job's default". A prompt too long for the model's context is found later, by the actor, once it is tokenized.
-This module never drops a row: `validate_rows` returns exactly the rows it was given, in order.
+`validate_rows` never drops a row: it returns exactly the rows it was given, in order; `prepare_batch` (the
+pipeline's row stage) leaves out only the rows a previous run of the job already wrote.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 
 from pipeline.config import ERROR_COLUMN, MAX_TEMPERATURE, GenerateConfig
+from pipeline.resume import ROW_HASH_COLUMN, id_digests, is_done
 
 MAX_NEW_TOKENS_COLUMN = "max_new_tokens"
 TEMPERATURE_COLUMN = "temperature"
@@ -34,10 +37,15 @@ def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _is_finite(value: int | float) -> bool:
+    """math.isfinite without its OverflowError for ints beyond float range (they are finite)."""
+    return isinstance(value, int) or math.isfinite(value)
+
+
 def _max_new_tokens(value, config: GenerateConfig) -> tuple[int, str | None]:
     if value is None:
         return config.max_new_tokens, None
-    if not _is_number(value) or not math.isfinite(value) or value != int(value):
+    if not _is_number(value) or not _is_finite(value) or value != int(value):
         return 0, f"max_new_tokens must be a whole number, got {value!r}"
     if value < 1:
         return 0, f"max_new_tokens must be >= 1, got {value!r}"
@@ -49,7 +57,7 @@ def _max_new_tokens(value, config: GenerateConfig) -> tuple[int, str | None]:
 def _temperature(value, config: GenerateConfig) -> tuple[float, str | None]:
     if value is None:
         return config.temperature, None
-    if not _is_number(value) or not math.isfinite(value):
+    if not _is_number(value) or not _is_finite(value):
         return 0.0, f"temperature must be a finite number, got {value!r}"
     if value < 0:
         return 0.0, f"temperature must be >= 0, got {value!r}"
@@ -103,7 +111,22 @@ def validate_rows(table: pa.Table, config: GenerateConfig) -> pa.Table:
     return table.append_column(ERROR_COLUMN, errors)
 
 
-def validate_batch(table: pa.Table, config: dict) -> pa.Table:
-    """`validate_rows` for Ray Data's map_batches (the config as a dict). It lives here, not beside the pipeline,
-    so that the validation workers import only pyarrow and pydantic (0.2 s), not the engine (5 s)."""
-    return validate_rows(table, GenerateConfig(**config))
+def prepare_batch(table: pa.Table, config: dict, done_digests: np.ndarray, generate_ids: bool) -> pa.Table:
+    """The pipeline's row stage (Ray Data map_batches, the config as a dict): name the row ids, skip the rows a
+    previous run of the job already finished, and validate the rest (`validate_rows`).
+
+    generate_ids: the input has no id column, so the row hashes Ray Data computed become the ids (see
+    `pipeline.resume`). done_digests: sorted digests of the finished ids ([m] uint64, often empty).
+    It lives here, not beside the pipeline, so that these workers import only pyarrow, numpy and pydantic
+    (0.2 s), not the engine (5 s)."""
+    job = GenerateConfig(**config)
+    if generate_ids:
+        position = table.column_names.index(ROW_HASH_COLUMN)
+        table = table.rename_columns(
+            [job.id_column if i == position else name for i, name in enumerate(table.column_names)]
+        )
+    if len(done_digests):
+        done = is_done(id_digests(table.column(job.id_column).to_pylist()), done_digests)  # [n] bool
+        if done.any():
+            table = table.filter(pa.array(~done))
+    return validate_rows(table, job)

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from policy.actions import ActionSet
@@ -96,7 +97,11 @@ def load_policy(path: str, seed: int = 0) -> PolicyCheckpoint:
         algorithm=meta.get("algorithm", "thompson"),
         seed=seed,
     )
-    bandit.load_state_dict(load_file(weights_path))  # ValueError naming a missing or mis-shaped array
+    try:
+        arrays = load_file(weights_path)
+    except SafetensorError as error:
+        raise ValueError(f"{weights_path} is not a readable safetensors file: {error}") from error
+    bandit.load_state_dict(arrays)  # ValueError naming a missing or mis-shaped array
     if not np.all(np.isfinite(bandit.theta)):
         raise ValueError(f"{weights_path}: theta holds non-finite values")
     return PolicyCheckpoint(

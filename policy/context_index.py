@@ -16,7 +16,9 @@ may run in another thread, as may catching up with inserts made meanwhile) and `
 replaying what changed meanwhile), so that the Ray actor keeps answering while a 100k-entry HNSW builds; with
 `auto_rebuild=True` they run inline.
 
-Bounded by LRU (a hit or a write refreshes recency) at `max_entries` and an optional TTL since the last write.
+Bounded by LRU (a hit or a write refreshes recency) at `max_entries`, by an optional memory bound (evicting
+the least recently used entries until the estimate fits, see `memory_estimate_bytes`), and by an optional TTL
+since the last write. A value larger than `max_value_bytes` (as JSON) is refused with a ValueError.
 `snapshot` and `restore` save and load the entries through `context_snapshot.py`, which also defines
 `ContextIndexConfig` and `ContextIndexState` (the records a snapshot holds) and the snapshot files' format.
 
@@ -75,6 +77,13 @@ BLAS_MIN_QUERIES = 20
 # an OpenMP team of the process's thread count: with 2 threads on the busy 2-core machine a single Flat query
 # took 5-8 ms at 1k entries and 23 ms at 10k, where numpy took 0.02-0.2 ms up to 8k (any thread count).
 NUMPY_SEARCH_MAX_ENTRIES = 8192
+# The memory estimate's constants (see `ContextIndex.memory_estimate_bytes`). Measured here by process RSS over
+# 20k entries at 384-d: 6.4 KB an entry with small values (flat and HNSW alike; 10.8 KB at 5k, where the vector
+# store's growth headroom weighs more), and ~1 KB more per extra 2 KB of value JSON. The estimate charges 4 vectors
+# (store, headroom, FAISS, a rebuild's copy) + HNSW links + 1.5 KB an entry (7.9 KB at 384-d, M=32) and twice the
+# value's JSON size.
+ENTRY_OVERHEAD_BYTES = 1536
+VALUE_MEMORY_FACTOR = 2
 
 
 @dataclass(frozen=True)
@@ -94,7 +103,7 @@ class ContextHit:
 @dataclass
 class ContextIndexCounters(CacheCounters):
     """`CacheCounters` (`hits` = exact_hits + fuzzy_hits; `inserts` counts new entries; `evictions` only the
-    LRU removals at `max_entries`) plus: `exact_hits` (key matched), `fuzzy_hits` (nearest cosine >= the
+    LRU removals at `max_entries` or the memory bound) plus: `exact_hits` (key matched), `fuzzy_hits` (nearest cosine >= the
     threshold), `updates` (inserts that overwrote an entry's value: same key or a near-duplicate),
     `expirations` (TTL removals) and `rebuilds` (FAISS indexes rebuilt from the live vectors, migrations
     included)."""
@@ -111,6 +120,7 @@ class _Entry:
     value: dict[str, Any]
     key: str | None
     written_at: float  # clock() of the last write
+    num_bytes: int  # the value's size as JSON
 
 
 class _VectorStore:
@@ -217,6 +227,8 @@ class ContextIndex:
     flat_max_entries: above this many entries the exact Flat index migrates to HNSW.
     hnsw_m, hnsw_ef_search, hnsw_ef_construction: the HNSW graph degree and search/build beam widths.
     rebuild_deleted_fraction: rebuild the FAISS index once this fraction of its vectors are deleted entries.
+    max_value_bytes: the largest value accepted, measured as JSON; a larger one raises ValueError.
+    max_memory_bytes: if given, evict least recently used entries while `memory_estimate_bytes()` exceeds it.
     auto_rebuild: run needed rebuilds (and the Flat -> HNSW migration) inline; a Ray actor passes False and
         drives `begin_rebuild`/`finish_rebuild` itself, building in a thread.
     clock: seconds, monotonic; injected for tests.
@@ -239,6 +251,8 @@ class ContextIndex:
         hnsw_ef_search: int = 64,
         hnsw_ef_construction: int = 40,
         rebuild_deleted_fraction: float = 0.2,
+        max_value_bytes: int = 4096,
+        max_memory_bytes: int | None = None,
         auto_rebuild: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -253,6 +267,8 @@ class ContextIndex:
             hnsw_ef_search=hnsw_ef_search,
             hnsw_ef_construction=hnsw_ef_construction,
             rebuild_deleted_fraction=rebuild_deleted_fraction,
+            max_value_bytes=max_value_bytes,
+            max_memory_bytes=max_memory_bytes,
         )
         self.auto_rebuild = auto_rebuild
         self._clock = clock
@@ -264,6 +280,7 @@ class ContextIndex:
         self._index = _new_faiss_index("flat", self.config)
         self._deleted: set[int] = set()  # ids still in self._index whose entries are gone
         self._next_id = 0
+        self._value_bytes = 0  # sum of the live entries' num_bytes
         self._counters = ContextIndexCounters()
         self._num_changes = 0  # writes and removals (not recency refreshes), for "snapshot if changed"
         self._pending_rebuild: IndexRebuild | None = None
@@ -336,7 +353,7 @@ class ContextIndex:
         num_rows = len(vectors)
         if len(values) != num_rows:
             raise ValueError(f"got {len(values)} values for {num_rows} embeddings")
-        stored_values = [_json_copy(value) for value in values]
+        stored_values = [_json_copy(value, self.config.max_value_bytes) for value in values]
         row_keys = _check_keys(keys, num_rows)
         self._remove_expired()
         now = self._clock()
@@ -359,7 +376,9 @@ class ContextIndex:
             else:
                 entry_id = self._next_id
                 self._next_id += 1
-                self._entries[entry_id] = _Entry(stored_values[row], key, now)
+                value, num_bytes = stored_values[row]
+                self._entries[entry_id] = _Entry(value, key, now, num_bytes)
+                self._value_bytes += num_bytes
                 self._write_order[entry_id] = None
                 if key is not None:
                     self._id_of_key[key] = entry_id
@@ -373,15 +392,31 @@ class ContextIndex:
             if self._pending_rebuild is not None:
                 self._added_during_rebuild.extend(new_ids.tolist())
         self._num_changes += num_rows
-        while len(self._entries) > self.config.max_entries:
-            least_recent_id = next(iter(self._entries))
-            self._remove(least_recent_id)
-            self._counters.evictions += 1
+        self._evict_over_bounds()
         self._rebuild_inline_if_needed()
 
-    def _update(self, entry_id: int, value: dict[str, Any], key: str | None, now: float) -> None:
+    def _evict_over_bounds(self) -> None:
+        """Evict least recently used entries while over max_entries or the memory bound."""
+        limit = self.config.max_memory_bytes
+        while self._entries and (
+            len(self._entries) > self.config.max_entries
+            or (limit is not None and self.memory_estimate_bytes() > limit)
+        ):
+            self._remove(next(iter(self._entries)))
+            self._counters.evictions += 1
+
+    def memory_estimate_bytes(self) -> int:
+        """An upper estimate of the memory the entries hold: per entry its vector four times (the store and its
+        growth headroom, the FAISS index, a rebuild's copy), HNSW links, Python bookkeeping, and its value at VALUE_MEMORY_FACTOR
+        times its JSON size (see ENTRY_OVERHEAD_BYTES for how these were measured)."""
+        dim = self.config.dim
+        per_entry = 4 * 4 * dim + 2 * 4 * self.config.hnsw_m + ENTRY_OVERHEAD_BYTES
+        return len(self._entries) * per_entry + VALUE_MEMORY_FACTOR * self._value_bytes
+
+    def _update(self, entry_id: int, stored: tuple[dict[str, Any], int], key: str | None, now: float) -> None:
         entry = self._entries[entry_id]
-        entry.value = value
+        self._value_bytes += stored[1] - entry.num_bytes
+        entry.value, entry.num_bytes = stored
         entry.written_at = now
         if key is not None and key != entry.key:
             if entry.key is not None and self._id_of_key.get(entry.key) == entry_id:
@@ -395,6 +430,7 @@ class ContextIndex:
     def _remove(self, entry_id: int) -> None:
         """Drop an entry; its vector stays in the FAISS index, marked deleted, until the next rebuild."""
         entry = self._entries.pop(entry_id)
+        self._value_bytes -= entry.num_bytes
         del self._write_order[entry_id]
         if entry.key is not None and self._id_of_key.get(entry.key) == entry_id:
             del self._id_of_key[entry.key]
@@ -636,7 +672,9 @@ class ContextIndex:
         for entry_id, key, value, age_s in zip(
             state.ids.tolist(), state.keys, state.values, state.write_ages_s, strict=True
         ):
-            self._entries[entry_id] = _Entry(value, key, now - age_s - downtime_s)
+            stored_value, num_bytes = _json_copy(value, self.config.max_value_bytes)
+            self._entries[entry_id] = _Entry(stored_value, key, now - age_s - downtime_s, num_bytes)
+            self._value_bytes += num_bytes
             if key is not None:
                 self._id_of_key[key] = entry_id
         for entry_id in sorted(self._entries, key=lambda entry_id: self._entries[entry_id].written_at):
@@ -647,9 +685,7 @@ class ContextIndex:
         rebuild = IndexRebuild(kind, self.config, state.ids, state.vectors)
         rebuild.build()
         self._index, self._kind = rebuild.index, kind
-        while len(self._entries) > self.config.max_entries:
-            self._remove(next(iter(self._entries)))
-            self._counters.evictions += 1
+        self._evict_over_bounds()
 
 
 # ---- input checks ----
@@ -666,16 +702,21 @@ def _check_keys(keys: Sequence[str | None] | None, num_rows: int) -> list[str | 
     return list(keys)
 
 
-def _json_copy(value: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy through strict JSON: what is stored is exactly what a snapshot gives back."""
+def _json_copy(value: dict[str, Any], max_bytes: int) -> tuple[dict[str, Any], int]:
+    """(a deep copy through strict JSON, its JSON size in bytes): what is stored is exactly what a snapshot gives
+    back. ValueError for a value that is not JSON-able or larger than max_bytes."""
     if not isinstance(value, dict):
         raise ValueError(f"values must be JSON-able dicts, got {type(value).__name__}: {value!r:.200}")
     try:
-        return json.loads(json.dumps(value, allow_nan=False))
+        text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise ValueError(
             f"values must be JSON-able dicts with finite numbers, got {value!r:.200}: {error}"
         ) from error
+    num_bytes = len(text.encode())
+    if num_bytes > max_bytes:
+        raise ValueError(f"a value of {num_bytes} bytes (as JSON) is above max_value_bytes={max_bytes}")
+    return json.loads(text), num_bytes
 
 
 def _earlier_duplicates(

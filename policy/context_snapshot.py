@@ -52,11 +52,14 @@ class ContextIndexConfig:
     hnsw_ef_search: int = 64
     hnsw_ef_construction: int = 40
     rebuild_deleted_fraction: float = 0.2
+    max_value_bytes: int = 4096
+    max_memory_bytes: int | None = None
 
     def __post_init__(self) -> None:
         for name, minimum in (
             ("dim", 1),
             ("max_entries", 1),
+            ("max_value_bytes", 2),
             ("flat_max_entries", 0),
             ("hnsw_m", 2),
             ("hnsw_ef_search", 1),
@@ -76,6 +79,10 @@ class ContextIndexConfig:
             )
         if self.ttl_s is not None and not (isinstance(self.ttl_s, int | float) and self.ttl_s > 0):
             raise ValueError(f"ttl_s must be > 0 seconds or None (no expiry), got {self.ttl_s!r}")
+        if self.max_memory_bytes is not None and (
+            not isinstance(self.max_memory_bytes, int) or self.max_memory_bytes < 1
+        ):
+            raise ValueError(f"max_memory_bytes must be an int >= 1 or None, got {self.max_memory_bytes!r}")
         fraction = self.rebuild_deleted_fraction
         if not isinstance(fraction, int | float) or not 0.0 < fraction < 1.0:
             raise ValueError(f"rebuild_deleted_fraction must be in (0, 1), got {fraction!r}")

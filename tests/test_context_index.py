@@ -388,3 +388,24 @@ def test_single_and_batched_lookups_agree_with_deleted_entries_present(flat_max_
     assert [hit.value for hit in batched] == [hit.value for hit in single]
     assert all(hit.value["i"] >= 20 for hit in batched)
     assert [hit.similarity for hit in batched] == pytest.approx([hit.similarity for hit in single], abs=1e-5)
+
+
+def test_the_memory_bound_evicts_least_recently_used_entries_and_big_values_are_refused():
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((40, 16)).astype(np.float32)
+    unbounded = ContextIndex(dim=16)
+    unbounded.insert_batch(vectors[:10], [{"tree": "8/4/2"}] * 10)
+    per_entry = unbounded.memory_estimate_bytes() / 10
+    index = ContextIndex(dim=16, max_memory_bytes=int(per_entry * 10.5))
+    index.insert_batch(vectors[:10], [{"tree": "8/4/2"}] * 10)
+    assert len(index) == 10 and index.stats()["evictions"] == 0
+    index.lookup(vectors[0])  # entry 0 becomes the most recently used
+    index.insert_batch(vectors[10:12], [{"tree": "8/4/2"}] * 2)
+    assert len(index) == 10 and index.stats()["evictions"] == 2
+    assert index.memory_estimate_bytes() <= per_entry * 10.5
+    assert index.lookup(vectors[0]) is not None and index.lookup(vectors[1]) is None  # 1 and 2 were evicted
+    # A larger value takes more of the bound, so fewer entries fit.
+    index.insert_batch(vectors[12:14], [{"tree": "8/4/2", "note": "x" * 400}] * 2)
+    assert len(index) < 10
+    with pytest.raises(ValueError, match="above max_value_bytes=64"):
+        ContextIndex(dim=16, max_value_bytes=64).insert(vectors[0], {"note": "x" * 100})

@@ -119,3 +119,24 @@ def test_a_row_that_raises_in_the_engine_fails_alone(actor_config, tiny_demo):
     stats = actor.stats()
     assert (stats["rows_ok"], stats["rows_error"]) == (2, 1)
     assert stats["decisions"]["lookups"] == 3
+
+
+def test_row_limits_give_named_errors_and_spare_the_other_rows(actor_config, tiny_demo):
+    """A prompt over max_prompt_tokens, and a row that runs past the row time limit, become error rows."""
+    config = {**actor_config, "max_prompt_tokens": 6, "shared_cache": False, "max_new_tokens": 40}
+
+    def slow_third(index, request):  # index among the generated rows: the second is the table's third
+        if index == 1:
+            # The generation starts after its deadline has passed: it stops before its first step.
+            import time
+
+            time.sleep(0.3)
+
+    actor = GenerationActor({**config, "row_timeout_s": 0.2}, before_request=slow_third)
+    prompts = ["def f(x):", "x " * 40, "import os"]
+    out = actor(validate_rows(pa.table({"id": [1, 2, 3], "prompt": prompts}), GenerateConfig(**config)))
+    errors = out.column(ERROR_COLUMN).to_pylist()
+    assert errors[0] is None
+    assert "above max_prompt_tokens=6" in errors[1]
+    assert errors[2].startswith("GenerationTimeout: over the 0.2 s limit")
+    assert out.column("generated_text").to_pylist()[0] is not None

@@ -54,6 +54,7 @@ def test_two_nodes_generate_and_share_the_cache(two_node_cluster, tiny_demo, tmp
         shared_cache=True,
         progress=False,
         cache_name=f"cluster-cache-{os.getpid()}",
+        namespace=f"cluster-{os.getpid()}",
     )
     # Hold a handle so the cache actor outlives the job for the checks below (the job finds it by name).
     cache = get_or_create_context_cache(config.cache_name, config.namespace)
@@ -74,4 +75,6 @@ def test_two_nodes_generate_and_share_the_cache(two_node_cluster, tiny_demo, tmp
     hits = ray.get(cache.lookup_batch.remote(embeddings))
     publishers = {hit["value"]["actor"] for hit in hits if hit is not None}
     assert all(hit is not None for hit in hits)
-    assert summary["prompt_decisions"]["cross_actor_hits"] > 0 or publishers == set(per_actor)
+    assert summary["prompt_decisions"]["cross_actor_hits"] > 0 or publishers == {
+        actor["actor_id"] for actor in per_actor.values()
+    }

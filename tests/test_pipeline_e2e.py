@@ -11,7 +11,9 @@ import os
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 
+from actors.context_cache import get_or_create_context_cache
 from actors.generation import RESULT_SCHEMA
 from engine.demo.build import demo_paths
 from engine.ea_model import EaModel
@@ -156,10 +158,16 @@ def test_summary_is_written_and_consistent(job_result):
     assert written["prompt_decisions"]["lookups"] == 5
 
 
-def test_existing_output_needs_overwrite(job_result, tiny_demo, mixed_input):
-    _, _, output = job_result
-    with pytest.raises(ValueError, match="--overwrite"):
-        run_generate(job_config(tiny_demo, mixed_input, output))
+def test_rerun_of_a_finished_job_does_nothing_and_other_settings_need_overwrite(
+    job_result, tiny_demo, mixed_input, capsys
+):
+    summary, table, output = job_result
+    again = run_generate(job_config(tiny_demo, mixed_input, output))
+    assert "nothing to do" in capsys.readouterr().out
+    assert again["job_id"] == summary["job_id"]  # the finished run's summary, unchanged
+    assert pq.read_table(str(output)).num_rows == table.num_rows
+    with pytest.raises(ValueError, match="max_new_tokens differ.*--overwrite"):
+        run_generate(job_config(tiny_demo, mixed_input, output, max_new_tokens=3))
 
 
 def test_missing_prompt_column_stops_before_any_work(tmp_path, tiny_demo, capsys):
@@ -181,3 +189,24 @@ def test_bad_option_stops_before_any_work(tmp_path, capsys):
         generate.main(["--max-new-tokens", "-1", "--output", str(tmp_path / "out")])
     assert exited.value.code == 2
     assert "max_new_tokens" in capsys.readouterr().err
+
+
+def test_jobs_read_each_others_cache_entries_only_when_given_one_namespace(
+    local_ray, tiny_demo, demo_prompts, tmp_path
+):
+    path = tmp_path / "in.parquet"
+    pq.write_table(pa.table({"id": [1, 2, 3], "prompt": demo_prompts[:3]}), path)
+
+    def job(name: str, **overrides) -> dict:
+        return run_generate(job_config(tiny_demo, str(path), tmp_path / name, max_new_tokens=4, **overrides))
+
+    first, second = job("a"), job("b")  # default: each job in a namespace of its own
+    assert first["namespace"] != second["namespace"]
+    assert first["prompt_decisions"]["published"] > 0 and second["prompt_decisions"]["shared_hits"] == 0
+    shared = f"shared-{os.getpid()}"
+    # A handle held here keeps the shared actor alive between the two jobs (it belongs to its creator).
+    cache = get_or_create_context_cache(f"cache-{os.getpid()}", shared)
+    third, fourth = job("c", namespace=shared), job("d", namespace=shared)
+    assert third["namespace"] == fourth["namespace"] == shared
+    assert fourth["prompt_decisions"]["shared_hits"] == 3
+    ray.kill(cache)
