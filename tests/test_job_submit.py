@@ -69,3 +69,18 @@ def test_ray_job_submit_runs_the_job(ray_head, tiny_demo, tmp_path):
     assert errors[1] is None and errors[2] is None and errors[3] is None
     assert "empty" in errors[4]
     assert os.path.isfile(output / "_stats.json")
+
+
+def test_a_client_without_the_token_is_refused(ray_head):
+    """Token authentication is on: the job API turns away a client that holds a wrong token."""
+    env, ray_cli, address = ray_head
+    wrong = {**env, "RAY_AUTH_TOKEN": "not-the-token"}
+    refused = subprocess.run(
+        [ray_cli, "job", "list", "--address", address], env=wrong, capture_output=True, text=True, timeout=120
+    )
+    assert refused.returncode != 0
+    assert "token authentication is enabled" in refused.stderr
+    allowed = subprocess.run(
+        [ray_cli, "job", "list", "--address", address], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
