@@ -12,7 +12,9 @@ when to consult a cache (see the controllers).
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
@@ -374,21 +376,24 @@ class DecisionCache(_LRUBacked):
         )
 
     @staticmethod
-    def bucket(features: np.ndarray, edges: list[np.ndarray]) -> tuple[int, ...]:
-        """Bucket index of each feature: np.digitize(feature_i, edges_i), i.e. the number of edges <= feature_i.
+    def bucket(features: np.ndarray, edges: Sequence[Sequence[float]]) -> tuple[int, ...]:
+        """Bucket index of each feature: the number of edges <= feature_i (np.digitize's convention).
 
-        features: [num_features]; edges: num_features increasing 1-D arrays (they may differ in length).
+        features: [num_features]; edges: num_features increasing sequences (they may differ in length).
         Example: features [0.5, 3.0], edges [[0.25, 0.75], [1, 2, 4]] -> (1, 2).
+        It runs on every decision, so it works on Python floats with bisect: ~5 us for 15 features, where
+        np.digitize per feature took ~150 us.
         """
-        values = np.asarray(features, dtype=np.float64)
-        if values.ndim != 1 or len(values) != len(edges):
+        values = features.tolist() if isinstance(features, np.ndarray) else list(features)
+        if len(values) != len(edges) or any(isinstance(value, list) for value in values):
             raise ValueError(
-                f"features must be 1-D with one value per edge array ({len(edges)}), got shape {values.shape}"
+                f"features must be 1-D with one value per edge array ({len(edges)}), got {features!r:.200}"
             )
-        if not np.all(np.isfinite(values)):
+        if not all(math.isfinite(value) for value in values):
             raise ValueError(f"features must be finite to be bucketed, got {values}")
         return tuple(
-            int(np.digitize(value, feature_edges)) for value, feature_edges in zip(values, edges, strict=True)
+            bisect.bisect_right(feature_edges, value)
+            for value, feature_edges in zip(values, edges, strict=True)
         )
 
     def get(self, bucket: tuple[int, ...]) -> TreeParams | None:

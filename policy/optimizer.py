@@ -143,7 +143,10 @@ class RLInferenceOptimizer:
         self.adaptive_frequency = adaptive_frequency
         self.fallback = fallback
         self.decision_cache = DecisionCache(max_size=cache_size, enabled=enable_parameter_caching)
-        self.bucket_edges = bucket_edges or default_bucket_edges()
+        # As tuples of floats: bucketing bisects them on every decision.
+        self.bucket_edges = [
+            tuple(float(edge) for edge in edges) for edges in bucket_edges or default_bucket_edges()
+        ]
         self.state_cache: LRUCache[bytes, np.ndarray] = LRUCache(cache_size, enabled=use_embedding)
         self.decode_cache = (
             DecodeCache(decode, max_size=cache_size, enabled=use_embedding) if decode else None
@@ -187,7 +190,8 @@ class RLInferenceOptimizer:
         self.current = decision
         elapsed = time.perf_counter() - started
         if self.adaptive_frequency:
-            mean_step = sum(self._step_seconds) / len(self._step_seconds) if self._step_seconds else elapsed
+            # No step timed yet (a generation's first decision): 0 tells the adjuster to skip its overhead rule.
+            mean_step = sum(self._step_seconds) / len(self._step_seconds) if self._step_seconds else 0.0
             self.frequency.record_decision(changed, elapsed, mean_step)
             self._step_seconds.clear()
         self.stats.decision_interval = self.frequency.interval if self.adaptive_frequency else 1

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -204,3 +205,31 @@ def list_result_files_local(output) -> list[str]:
     import pyarrow.fs as pafs
 
     return list_result_files(pafs.LocalFileSystem(), str(output)) if os.path.isdir(output) else []
+
+
+def test_decisions_go_local_only_while_the_shared_cache_is_down(local_ray):
+    """With the shared actor dead, look-ups and publishes carry on against the local cache, counted."""
+    from actors.context_cache import get_or_create_context_cache
+    from actors.decisions import PromptDecisions
+    from engine.types import DraftConfidence, StepStats, TreeParams
+
+    def encoder(texts: list[str]) -> np.ndarray:  # equal texts -> equal unit vectors
+        vectors = np.zeros((len(texts), 384), dtype=np.float32)
+        vectors[np.arange(len(texts)), [len(text) % 384 for text in texts]] = 1.0
+        return vectors
+
+    cache = get_or_create_context_cache(f"down-{uuid.uuid4().hex[:8]}", "faults-down", max_restarts=0)
+    ray.get(cache.ping.remote())
+    os.kill(ray.get(cache.stats.remote())["pid"], signal.SIGKILL)
+    decisions = PromptDecisions("actor-a", lambda: encoder, cache, retry_after_s=60.0)
+    assert decisions.submit(["abc"], ["k1"])[0].result(timeout=60) is None
+    tree = TreeParams(12, 11, 1)
+    steps = [
+        StepStats(i, tree, 2, 3, 0.01, 0.01, DraftConfidence(0.5, 1.0, -1.0, -1.0), 10 + i) for i in range(3)
+    ]
+    decisions.publish(["k1"], [steps]).result(timeout=60)
+    assert decisions.submit(["abc"], ["k1"])[0].result(timeout=60) == tree  # the local cache still serves
+    counters = decisions.counters
+    assert counters.shared_unreachable == 1  # then the actor is left alone for retry_after_s
+    assert counters.local_only_lookups == 2 and counters.local_hits == 1 and counters.published == 1
+    decisions.close()

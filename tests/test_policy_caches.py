@@ -495,6 +495,7 @@ def test_frequency_defaults_match_the_prototype():
     assert adjuster.interval == 8
     assert (adjuster.min_interval, adjuster.max_interval) == (1, 32)
     assert (adjuster.target_overhead_fraction, adjuster.stable_decisions_to_grow) == (0.01, 3)
+    assert adjuster.worth_saving_fraction == 0.005
 
 
 def test_frequency_decides_on_step_zero_and_every_interval():
@@ -507,34 +508,37 @@ def test_frequency_decides_on_step_zero_and_every_interval():
 
 def test_frequency_scripted_growth_and_shrink():
     adjuster = SmartFrequencyAdjuster(initial_interval=8, min_interval=2, max_interval=32)
-    cheap = {
-        "decision_seconds": 1e-5,
-        "step_seconds": 0.01,
-    }  # overhead 1e-5 / (8 * 0.01) = 0.0125%: within budget
+    # Worth saving: 0.0048 s over 8 steps of 0.1 s = 0.6% (within the 1% budget, above the 0.5% floor).
+    moderate = {"decision_seconds": 0.0048, "step_seconds": 0.1}
     script = [
         (False, 8),  # 1 stable
         (False, 8),  # 2 stable
-        (False, 16),  # 3 stable -> double
-        (True, 8),  # changed -> halve
-        (True, 4),
-        (True, 2),
-        (True, 2),  # clamped at min_interval
-        (False, 2),
-        (True, 2),  # a change resets the stable run
-        (False, 2),
-        (False, 2),
-        (False, 4),
-        (False, 4),
-        (False, 4),
-        (False, 8),
-        *[(False, 8), (False, 8), (False, 16)],
-        *[(False, 16), (False, 16), (False, 32)],
-        *[(False, 32), (False, 32), (False, 32)],  # clamped at max_interval
+        (False, 16),  # 3 stable -> double (now 0.3% a decision: no longer worth saving)
+        (False, 16),
+        (False, 16),
+        (False, 16),  # stable, but too cheap to skip: stays
     ]
     for changed, expected_interval in script:
-        adjuster.record_decision(changed, **cheap)
+        adjuster.record_decision(changed, **moderate)
         assert adjuster.interval == expected_interval
-    assert adjuster.changes == 5
+    for expected_interval in (8, 4, 2, 2):  # changed -> halve, clamped at min_interval (cheap decisions)
+        adjuster.record_decision(True, decision_seconds=1e-5, step_seconds=0.1)
+        assert adjuster.interval == expected_interval
+    assert adjuster.changes == 4
+    # Decisions worth saving at every interval: stable runs double up to max_interval.
+    costly = SmartFrequencyAdjuster(initial_interval=8, max_interval=32, target_overhead_fraction=0.5)
+    for expected_interval in (8, 8, 16, 16, 16, 32, 32, 32, 32):
+        costly.record_decision(False, decision_seconds=0.01, step_seconds=0.1)
+        assert costly.interval == expected_interval
+
+
+def test_cheap_stable_decisions_keep_the_interval():
+    adjuster = SmartFrequencyAdjuster(initial_interval=2)
+    for _ in range(10):
+        adjuster.record_decision(False, decision_seconds=5e-5, step_seconds=0.02)  # 0.125% a decision
+    assert adjuster.interval == 2
+    adjuster.record_decision(True, decision_seconds=5e-5, step_seconds=0.02)
+    assert adjuster.interval == 1
 
 
 def test_frequency_overhead_budget_doubles_even_on_change():
