@@ -229,7 +229,10 @@ def test_decisions_go_local_only_while_the_shared_cache_is_down(local_ray):
     ]
     decisions.publish(["k1"], [steps]).result(timeout=60)
     assert decisions.submit(["abc"], ["k1"])[0].result(timeout=60) == tree  # the local cache still serves
+    assert decisions.submit(["a different prompt"], ["k2"])[0].result(timeout=60) is None  # a local miss
     counters = decisions.counters
     assert counters.shared_unreachable == 1  # then the actor is left alone for retry_after_s
-    assert counters.local_only_lookups == 2 and counters.local_hits == 1 and counters.published == 1
+    # The two local misses went local-only (the first when its call failed, the second inside the retry window).
+    assert counters.local_only_lookups == 2 and counters.shared_lookups == 0
+    assert counters.local_hits == 1 and counters.published == 1
     decisions.close()
