@@ -155,8 +155,13 @@ def generate_speculative(
                 f"TreeParams.top_k={params.top_k} exceeds the target's vocabulary of {vocab_size}"
             )
 
+        # Never draft past the last token the generation may emit: a deep chain near the end would pay for
+        # drafting and verifying tokens that are cut off anyway. The step still records the controller's choice.
+        remaining = min(
+            rules.max_new_tokens - (len(output) - prompt_length), rules.context_limit - len(output)
+        )
         draft_started = _clock(target.device)
-        drafted = drafter.draft(pending, params)
+        drafted = drafter.draft(pending, params.capped(remaining))
         verify_started = _clock(target.device)
         tree = drafted.tree
         prefix_length = len(output) - 1  # every token but the root is in the target cache

@@ -1,7 +1,8 @@
 """Small typed values that the engine's phases, the policy and the benchmarks hand each other.
 
 This module holds data only: no torch modules, no decoding logic. `policy/` may import it (and only it) from the
-engine, so it stays free of heavy imports beyond torch.
+engine, so it stays free of heavy imports: torch only for type checking, so that processes that need just these
+values (the shared cache actor) start without loading torch.
 """
 
 from __future__ import annotations
@@ -9,9 +10,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True, order=True)
@@ -50,6 +52,19 @@ class TreeParams:
     def max_nodes(self) -> int:
         """Number of nodes the dynamic tree scores: top_k roots plus top_k**2 candidates per round."""
         return self.top_k + self.depth * self.top_k * self.top_k
+
+    def capped(self, max_step_tokens: int) -> TreeParams:
+        """This tree cut so that one step gains at most `max_step_tokens` tokens (a step gains up to depth + 2):
+        a shallower depth, and total_tokens no more than that depth can score. Itself when it already fits.
+
+        Example: TreeParams(40, 39, 1).capped(10) == TreeParams(9, 8, 1)
+        """
+        depth = min(self.depth, max(max_step_tokens - 2, 0))
+        if depth == self.depth:
+            return self
+        return TreeParams(
+            min(self.total_tokens, self.top_k + depth * self.top_k * self.top_k), depth, self.top_k
+        )
 
     @property
     def compact(self) -> str:

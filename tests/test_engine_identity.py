@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from engine.draft import Drafter
 from engine.generate import DecodingState, generate_plain, generate_speculative
 from engine.target import TargetModel
 from engine.tree import ScoredCandidates, additive_mask, select_tree
@@ -247,7 +248,9 @@ def test_eos_as_first_token_and_from_model_config(tiny_llama) -> None:
 
 
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 7])
-@pytest.mark.parametrize("params", [TreeParams(8, 3, 3), TreeParams(60, 5, 10)], ids=lambda p: p.compact)
+@pytest.mark.parametrize(
+    "params", [TreeParams(8, 3, 3), TreeParams(60, 5, 10), TreeParams(40, 39, 1)], ids=lambda p: p.compact
+)
 def test_max_new_tokens_is_exact(tiny_target, hf_greedy, max_new_tokens: int, params: TreeParams) -> None:
     for prompt, expected in hf_greedy[:4]:
         output = generate_speculative(
@@ -257,6 +260,27 @@ def test_max_new_tokens_is_exact(tiny_target, hf_greedy, max_new_tokens: int, pa
         assert output.output_ids[0].tolist() == expected[: len(prompt) + max_new_tokens]
         assert output.finish_reason == "length"
         check_step_records(output, params)
+
+
+def test_a_deep_chain_is_cut_to_the_tokens_left(tiny_target, hf_greedy, monkeypatch) -> None:
+    """Near the end the engine drafts only what can still be emitted; the step keeps the controller's choice."""
+    drafted: list[TreeParams] = []
+    original = Drafter.draft
+
+    def spy(self, pending, params):
+        drafted.append(params)
+        return original(self, pending, params)
+
+    monkeypatch.setattr(Drafter, "draft", spy)
+    chosen = TreeParams(40, 39, 1)
+    prompt, expected = hf_greedy[0]
+    output = generate_speculative(tiny_target.target, tiny_target.head, prompt, chosen, max_new_tokens=7)
+    assert output.output_ids[0].tolist() == expected[: len(prompt) + 7]
+    check_step_records(output, chosen)
+    generated = 1  # the prefill's token
+    for params, step in zip(drafted, output.steps, strict=True):
+        assert params == chosen.capped(7 - generated) and params.depth <= max(7 - generated - 2, 0)
+        generated += step.num_emitted
 
 
 def test_context_limit_from_max_length(tiny_target, hf_greedy) -> None:

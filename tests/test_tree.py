@@ -277,3 +277,17 @@ def test_drafter_incremental_reading_equals_reading_at_once(random_head) -> None
     assert late.token_ids.tolist() == fresh.token_ids.tolist()
     assert late.parents == fresh.parents
     assert torch.allclose(late.scores, fresh.scores, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("params", "max_step_tokens", "expected"),
+    [
+        (TreeParams(40, 39, 1), 10, TreeParams(9, 8, 1)),  # a step gains up to depth + 2 tokens
+        (TreeParams(40, 39, 1), 41, TreeParams(40, 39, 1)),  # fits: itself
+        (TreeParams(60, 5, 10), 3, TreeParams(60, 1, 10)),  # 60 <= 10 + 1 * 100 nodes
+        (TreeParams(16, 5, 2), 3, TreeParams(6, 1, 2)),  # total cut to the 2 + 1 * 4 nodes depth 1 scores
+        (TreeParams(4, 3, 1), 1, TreeParams(1, 0, 1)),  # one token left: the smallest tree there is
+    ],
+)
+def test_tree_params_capped(params: TreeParams, max_step_tokens: int, expected: TreeParams) -> None:
+    assert params.capped(max_step_tokens) == expected
