@@ -3,6 +3,8 @@ job statistics, background rebuilds, and snapshots that a fresh or restarted act
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -147,3 +149,11 @@ def test_bad_options_fail_in_the_caller(ray_local) -> None:
         get_or_create_context_cache("never-created", "test-a", snapshot_interval_s=5.0)
     with pytest.raises(ValueError):
         ray.get_actor("never-created", namespace="test-a")
+
+
+def test_the_cache_actor_module_does_not_load_torch() -> None:
+    """The cache actor starts beside the generation actors; without torch its process imports in about half the
+    time, which measurably shortened a job's start-up on 2 cores."""
+    code = "import sys, actors.context_cache; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
