@@ -15,7 +15,8 @@ from engine.demo.build import DEFAULT_DEMO_ROOT, build_demo, demo_is_built, demo
 from engine.draft_head import DraftHead
 from engine.target import TargetModel
 from jobs.prompts import read_prompt_column
-from policy.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from policy.actions import DEFAULT_ACTIONS
+from policy.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_policy
 from policy.train import PolicyTrainConfig, train_policy
 
 POLICY_PRESETS = {
@@ -25,8 +26,15 @@ POLICY_PRESETS = {
 
 
 def policy_is_built(out_root: str = DEFAULT_DEMO_ROOT) -> bool:
+    """The demo policy is there and fits this version: it loads (same observation features) and chooses among
+    DEFAULT_ACTIONS. A policy from an older version is trained again rather than failing every job."""
     folder = demo_paths(out_root)["policy"]
-    return all(os.path.isfile(os.path.join(folder, name)) for name in (CONFIG_NAME, WEIGHTS_NAME))
+    if not all(os.path.isfile(os.path.join(folder, name)) for name in (CONFIG_NAME, WEIGHTS_NAME)):
+        return False
+    try:
+        return load_policy(folder).actions == DEFAULT_ACTIONS
+    except ValueError:
+        return False
 
 
 def build_demo_policy(out_root: str = DEFAULT_DEMO_ROOT, preset: str = "full", progress: bool = True) -> dict:
@@ -72,6 +80,6 @@ def ensure_demo(
         )
         print(format_report(build_all(preset, out_root, progress)))
     elif not policy_is_built(out_root):
-        print(f"demo policy missing under {out_root!r}: training it now")
+        print(f"demo policy missing or from an older version under {out_root!r}: training it now")
         build_demo_policy(out_root, preset, progress)
     return demo_paths(out_root)

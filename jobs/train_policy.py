@@ -1,6 +1,6 @@
 """Train the learned tree policy on real generation steps of the speculative engine.
 
-    python -m jobs.train_policy --prompts examples/prompts.parquet --out outputs/policy
+    python -m jobs.train_policy --prompts models/demo/train_prompts.parquet --out outputs/policy
         [--model models/demo/target] [--draft models/demo/draft] [--epochs N] [--max-new-tokens M]
         [--num-prompts N] [--skip-prompts S] [--threads T]
 

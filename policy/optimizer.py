@@ -106,6 +106,8 @@ def default_bucket_edges() -> list[np.ndarray]:
         "root_top1_prob": [0.5, 0.8, 0.95],
         "last_depth": [0.3, 0.55, 0.8],
         "last_top_k": [0.15, 0.35, 0.6],
+        "suffix_repeat": [0.125, 0.25, 0.5],
+        "long_repeat": [0.5],
     }
     return [np.asarray(coarse.get(name, []), dtype=np.float64) for name in FEATURE_NAMES]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -113,3 +114,15 @@ def test_build_demo_rejects_unknown_preset(tmp_path):
         build_demo("huge", str(tmp_path))
     with pytest.raises(SystemExit):
         build_demo_job.main(["--preset", "huge"])
+
+
+def test_a_policy_from_an_older_version_counts_as_not_built(tiny_demo, tmp_path):
+    """Other observation features (an older version's checkpoint) mean: train again, rather than fail jobs."""
+    shutil.copytree(demo_paths(tiny_demo)["policy"], tmp_path / "policy")
+    assert policy_is_built(str(tmp_path))
+    config_path = tmp_path / "policy" / "policy.json"
+    meta = json.loads(config_path.read_text())
+    meta["feature_names"] = meta["feature_names"][:-2]
+    meta["num_features"] -= 2
+    config_path.write_text(json.dumps(meta))
+    assert not policy_is_built(str(tmp_path))

@@ -52,7 +52,7 @@ PRESETS = {
         num_draft_train_prompts=512,
         num_eval_prompts=16,
         num_heldout_prompts=200,
-        num_policy_train_prompts=48,
+        num_policy_train_prompts=96,
         draft=DraftTrainConfig(epochs=5, time_budget_s=120.0),
     ),
     "tiny": DemoPreset(
@@ -139,13 +139,19 @@ def build_demo(preset: str = "full", out_root: str = DEFAULT_DEMO_ROOT, progress
         max_prompt_tokens=min(200, max_prompt),
     )
     write_prompts_parquet(heldout_rows, paths["prompts"])
-    # Training prompts for the tree policy: windows of the train split, so the policy never sees held-out text.
-    policy_windows = sample_windows(
-        train_ids, spec.num_policy_train_prompts, 32, max_prompt, tokenizer.bos_token_id, 2
-    )
+    # Training prompts for the tree policy: cut from training documents the same way as the held-out prompts
+    # (code from a def/class, prose from a paragraph), so the policy learns on prompts shaped like the ones it
+    # serves and never sees held-out text. Random windows of the train stream, used before, start mid-line and
+    # repeat their own context less; a policy trained on them under-used the deep chains.
     policy_rows = [
-        {"id": f"train-{i:04d}", "prompt": tokenizer.decode(ids, skip_special_tokens=True), "kind": "train"}
-        for i, ids in enumerate(policy_windows)
+        {**row, "id": f"train-{row['id']}"}
+        for row in make_prompts(
+            corpus.train_documents,
+            tokenizer,
+            num_prompts=spec.num_policy_train_prompts,
+            seed=1,
+            max_prompt_tokens=min(200, max_prompt),
+        )
     ]
     write_prompts_parquet(policy_rows, paths["train_prompts"])
     model = AutoModelForCausalLM.from_pretrained(paths["target"], attn_implementation="sdpa").eval()
