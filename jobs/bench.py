@@ -52,7 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="timed passes; tokens/s is the median")
     parser.add_argument(
-        "--grid-prompts", type=int, default=12, help="prompts used to grid-search static trees"
+        "--grid-prompts", type=int, default=24, help="prompts used to grid-search static trees"
     )
     parser.add_argument(
         "--grid", default=None, help="comma list of total/depth/top_k (default: built-in grid)"

@@ -1,0 +1,25 @@
+"""The static-tree grid search times every tree on each prompt before the next, in a rotating order."""
+
+from __future__ import annotations
+
+from engine import benchmark
+from engine.types import TreeParams
+
+
+def test_grid_search_interleaves_trees_prompt_by_prompt(monkeypatch):
+    calls: list[tuple[int, str]] = []
+
+    class Output:
+        num_new_tokens = 4
+
+    def fake_generate(target, head, prompt, params, max_new_tokens):
+        calls.append((prompt[0], params.compact))
+        return Output()
+
+    monkeypatch.setattr(benchmark, "generate_speculative", fake_generate)
+    grid = [TreeParams.parse(shape) for shape in ("4/3/1", "8/7/1", "8/3/2")]
+    best, table = benchmark.grid_search(None, None, [[0], [1], [2], [3]], 4, grid, progress=False)
+    assert [prompt for prompt, _ in calls] == [0, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert [shape for _, shape in calls[:6]] == ["4/3/1", "8/7/1", "8/3/2", "8/7/1", "8/3/2", "4/3/1"]
+    assert set(table) == {"4/3/1", "8/7/1", "8/3/2"} and all(rate > 0 for rate in table.values())
+    assert best.compact == max(table, key=table.get)
