@@ -4,7 +4,7 @@ cluster.
 On a GPU cluster each actor takes one GPU (so actors = GPUs) and a share of the CPUs. On CPUs only, the actors
 split the cluster's CPUs, minus a small reserve for the read, validation and write tasks, which are light. An
 actor sets its torch threads from the CPUs it was given (see `actors/generation.py`).
-Example: 2 CPUs, 1 actor -> 1.5 CPUs (2 threads); 2 CPUs, 2 actors -> 0.75 CPUs each (1 thread each).
+Example: 2 CPUs, 1 actor -> 1.5 CPUs (1 thread, rounded down); 2 CPUs, 2 actors -> 0.75 CPUs each (1 thread each).
 """
 
 from __future__ import annotations
