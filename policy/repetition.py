@@ -47,7 +47,7 @@ class SuffixMatcher:
             ends.append(end)
             if len(ends) > self.max_candidates:
                 del ends[0]
-        self._indexed = max(self._indexed, n)
+        self._indexed = n
         if n <= size:
             return 0
         best = 0
