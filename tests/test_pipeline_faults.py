@@ -164,12 +164,14 @@ def run_job_process(argv: list[str]) -> subprocess.Popen:
 
 @pytest.mark.parametrize("with_ids", [True, False], ids=["id-column", "row-hash-ids"])
 def test_a_killed_driver_resumes_without_duplicates_or_gaps(local_ray, tiny_demo, tmp_path, with_ids):
-    num_rows = 32
+    # Enough work that the driver is still running when the first result file appears (with 32 rows of 16 tokens
+    # a fast run once wrote every row before the kill).
+    num_rows = 64
     prompts = write_prompts(tiny_demo, tmp_path / "in.parquet", num_rows, with_ids=with_ids)
     paths = demo_paths(tiny_demo)
     output = tmp_path / "out"
     argv = ["--input", str(tmp_path / "in.parquet"), "--output", str(output), "--model", paths["target"]]
-    argv += ["--draft", paths["draft"], "--policy", "static", "--max-new-tokens", "16", "--batch-size", "2"]
+    argv += ["--draft", paths["draft"], "--policy", "static", "--max-new-tokens", "32", "--batch-size", "2"]
     argv += ["--no-progress"]
     driver = run_job_process(argv)
     try:
