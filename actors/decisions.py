@@ -11,8 +11,10 @@ prompts are embedded and looked up there while the batch generates, and results 
 generation whose look-up has not finished when its first step starts simply uses the actor's controller
 (`PromptController`), counted as `not_ready`.
 
-When the shared actor cannot be reached (dead, restarting, or too slow), the actor carries on with its local
-cache only, counts the outage, and tries the shared actor again after `retry_after_s`. Values are small dicts
+Shared look-ups go over the shared actor's look-up link (`lookup_link.py`: a direct connection, about a third
+of a Ray call's latency), and through a Ray call while the link is down. When the shared actor cannot be reached
+(dead, restarting, or too slow), the actor carries on with its local cache only, counts the outage, and tries
+the shared actor again after `retry_after_s`. Values are small dicts
 ({"tree": "12/11/1", "actor": "3f2a9c1e", "tokens_per_s": 412.0}); no text is stored.
 """
 
@@ -26,6 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import ray
 
+from actors.lookup_link import LookupLinkClient, LookupLinkError
 from engine.types import Controller, DecodingState, StepStats, TreeParams
 from policy.context_index import ContextIndex
 
@@ -50,6 +53,8 @@ class DecisionCounters:
     generations_served: int = 0
     published: int = 0
     shared_unreachable: int = 0  # shared calls that failed or timed out
+    link_lookups: int = 0  # shared look-ups answered over the actor's look-up link (the rest: Ray calls)
+    link_failures: int = 0  # link calls that failed; that batch went through a Ray call instead
     local_only_lookups: int = 0  # look-ups made while the shared actor was considered down
     embedding_seconds: float = 0.0  # on the background thread
     shared_seconds: float = 0.0  # on the background thread
@@ -104,6 +109,8 @@ class PromptDecisions:
         self.counters = DecisionCounters()
         self.last_error: str | None = None
         self._shared_down_until = 0.0
+        self._link: LookupLinkClient | None = None  # the shared actor's look-up link, once known
+        self._link_down_until = 0.0
         self._embeddings: dict[str, np.ndarray] = {}  # key -> embedding, kept from look-up until publish
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="eagleray-prompt-decisions")
         self._encoder: Future = self._executor.submit(self._load_encoder, load_encoder)
@@ -137,6 +144,8 @@ class PromptDecisions:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._link is not None:
+            self._link.close()
 
     # ---- the background thread ----------------------------------------------------------------------------------
 
@@ -167,9 +176,7 @@ class PromptDecisions:
             else:
                 missing.append(index)
         if missing and self.shared is not None:
-            shared_hits = self._call_shared(
-                "lookup_batch", embeddings[missing], [keys[index] for index in missing]
-            )
+            shared_hits = self._shared_lookup(embeddings[missing], [keys[index] for index in missing])
             if shared_hits is not None:
                 self.counters.shared_lookups += len(missing)
                 for index, hit in zip(missing, shared_hits, strict=True):
@@ -204,6 +211,35 @@ class PromptDecisions:
         finally:
             for key in keys:
                 self._embeddings.pop(key, None)
+
+    def _shared_lookup(self, embeddings: np.ndarray, keys: list[str]) -> list[dict | None] | None:
+        """The shared actor's hits over its look-up link, or through a Ray call when the link is down (a
+        failed link is counted and tried again after retry_after_s); None when the actor cannot be reached."""
+        link = self._link_to_shared()
+        if link is not None:
+            started = time.perf_counter()
+            try:
+                hits = link.lookup_batch(embeddings, keys)
+                self.counters.link_lookups += len(keys)
+                return hits
+            except LookupLinkError as error:
+                self.counters.link_failures += 1
+                self.last_error = f"{type(error).__name__}: {error}"
+                link.close()
+                self._link = None
+                self._link_down_until = time.monotonic() + self.retry_after_s
+            finally:
+                self.counters.shared_seconds += time.perf_counter() - started
+        return self._call_shared("lookup_batch", embeddings, keys)
+
+    def _link_to_shared(self) -> LookupLinkClient | None:
+        """The client of the shared actor's look-up link, asking the actor where it is when there is none."""
+        now = time.monotonic()
+        if self._link is None and now >= self._link_down_until and now >= self._shared_down_until:
+            description = self._call_shared("lookup_link")
+            if description is not None:
+                self._link = LookupLinkClient.from_description(description, self.timeout_s)
+        return self._link
 
     def _call_shared(self, method: str, *args):
         """The shared actor's answer, or None (counted) when it is down, failing or slower than timeout_s."""

@@ -113,6 +113,12 @@ def format_summary(summary: dict) -> str:
             f"{decisions['cross_actor_hits']} from another actor; {decisions['steps_served']} steps in "
             f"{decisions['generations_served']} generations decided by a cached tree (no policy call)"
         )
+        if decisions["shared_lookups"] or decisions["link_failures"]:
+            lines.append(
+                f"  shared look-ups: {decisions['link_lookups']} over the cache actor's look-up link, "
+                f"{decisions['shared_lookups'] - decisions['link_lookups']} by Ray call; "
+                f"{decisions['link_failures']} link failures"
+            )
         if decisions["shared_unreachable"] or decisions["local_only_lookups"]:
             lines.append(
                 f"  shared cache unreachable {decisions['shared_unreachable']} times; "

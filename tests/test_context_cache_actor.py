@@ -74,6 +74,32 @@ def test_lookup_and_insert_round_trip(cache_name: str) -> None:
     assert (stats["lookups"], stats["exact_hits"], stats["fuzzy_hits"], stats["misses"]) == (4, 2, 1, 1)
 
 
+@ray.remote(num_cpus=0)
+def lookups_over_the_link(link: dict, queries: np.ndarray) -> list:
+    """In another worker process: look each query up over the actor's look-up link."""
+    from actors.lookup_link import LookupLinkClient
+
+    client = LookupLinkClient.from_description(link)
+    try:
+        return [client.lookup(query) for query in queries]
+    finally:
+        client.close()
+
+
+def test_the_look_up_link_answers_like_the_ray_method_from_another_process(cache_name: str) -> None:
+    cache = get_or_create_context_cache(cache_name, "test-a", dim=DIM, similarity_threshold=0.9)
+    link = ray.get(cache.lookup_link.remote())
+    assert ray.get(cache.lookup_link.remote()) == link  # one server per actor
+    assert set(link) == {"host", "port", "token", "dim"} and link["dim"] == DIM
+    ray.get(cache.insert_batch.remote(VECTORS[:3], [{"i": i} for i in range(3)]))  # after the link started
+    queries = np.stack([VECTORS[0], VECTORS[2] + 0.1 * VECTORS[6], VECTORS[5]])  # hit, near hit, miss
+    over_link = ray.get(lookups_over_the_link.remote(link, queries))
+    assert over_link == [ray.get(cache.lookup.remote(query)) for query in queries]
+    assert [hit and hit["value"]["i"] for hit in over_link] == [0, 2, None]
+    stats = ray.get(cache.stats.remote())
+    assert stats["lookups"] == 6 and stats["lookup_service_ms"]["num"] == 6  # both paths, one index
+
+
 def test_report_stats_keeps_the_latest_cumulative_report_per_actor(cache_name: str) -> None:
     cache = get_or_create_context_cache(cache_name, "test-a", dim=DIM)
     ray.get(cache.report_stats.remote("job-1", "actor-a", {"num_steps": 10, "tokens_per_s": 300.0}))

@@ -78,3 +78,6 @@ def test_two_nodes_generate_and_share_the_cache(two_node_cluster, tiny_demo, tmp
     assert summary["prompt_decisions"]["cross_actor_hits"] > 0 or publishers == {
         actor["actor_id"] for actor in per_actor.values()
     }
+    # Shared look-ups went over the cache actor's look-up link, from both nodes' actors.
+    decisions = summary["prompt_decisions"]
+    assert decisions["link_lookups"] == decisions["shared_lookups"] > 0 and decisions["link_failures"] == 0

@@ -209,6 +209,42 @@ def list_result_files_local(output) -> list[str]:
     return list_result_files(pafs.LocalFileSystem(), str(output)) if os.path.isdir(output) else []
 
 
+def test_shared_look_ups_go_over_the_link_and_fall_back_to_ray_when_it_breaks(local_ray):
+    """Shared look-ups use the cache actor's look-up link; when the link dies under them (the actor restarted
+    on a new port), that batch goes through a Ray call, and the next one over a fresh link."""
+    from actors.context_cache import get_or_create_context_cache
+    from actors.decisions import PromptDecisions
+    from engine.types import TreeParams
+
+    cache = get_or_create_context_cache(f"link-{uuid.uuid4().hex[:8]}", "faults-link", max_restarts=1)
+    vectors = np.eye(384, dtype=np.float32)[:3]
+    ray.get(cache.insert_batch.remote(vectors, [{"tree": "12/11/1", "actor": "other"}] * 3, ["a", "b", "c"]))
+
+    def encoder(texts: list[str]) -> np.ndarray:  # "x", "xx", "xxx" -> the three stored vectors
+        return vectors[[len(text) - 1 for text in texts]]
+
+    decisions = PromptDecisions("actor-a", lambda: encoder, cache, timeout_s=30.0, retry_after_s=0.0)
+    assert decisions.submit(["x"], ["k1"])[0].result(timeout=60) == TreeParams(12, 11, 1)
+    assert (decisions.counters.link_lookups, decisions.counters.shared_hits) == (1, 1)
+    pid = ray.get(cache.stats.remote())["pid"]
+    os.kill(pid, signal.SIGKILL)  # Ray restarts it: empty (no snapshot path), on a new link
+    wait_for(lambda: _alive_pid(cache) not in (None, pid), "the cache actor to restart")
+    assert decisions.submit(["xx"], ["k2"])[0].result(timeout=60) is None  # the restarted actor is empty
+    counters = decisions.counters
+    assert counters.link_failures == 1 and counters.link_lookups == 1  # the broken link's batch: a Ray call
+    assert counters.shared_lookups == 2 and counters.shared_unreachable == 0
+    assert decisions.submit(["xxx"], ["k3"])[0].result(timeout=60) is None
+    assert decisions.counters.link_lookups == 2  # over the restarted actor's new link
+    decisions.close()
+
+
+def _alive_pid(cache) -> int | None:
+    try:
+        return ray.get(cache.stats.remote(), timeout=5)["pid"]
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        return None
+
+
 def test_decisions_go_local_only_while_the_shared_cache_is_down(local_ray):
     """With the shared actor dead, look-ups and publishes carry on against the local cache, counted."""
     from actors.context_cache import get_or_create_context_cache
