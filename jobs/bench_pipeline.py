@@ -9,7 +9,8 @@ Throughput methods (greedy, same prompts, each timed from loading its models to 
                --shared-cache);
   pipeline_2   the same with 2 actors;
   hf_batched   HF `generate` on left-padded batches of --hf-batch-size, the baseline a user would otherwise pick.
-Ratios are tokens/s over the direct loop's. Pipeline outputs are also checked against the direct loop's text.
+Ratios are tokens/s over the direct loop's, each the median over --repeats passes; every other pass runs the
+methods in reverse order. Pipeline outputs are also checked against the direct loop's text.
 
 Cache workload: --cache-prompts distinct prompts, each sent as itself, an exact repeat and two paraphrases
 (an edited line, changed whitespace), shuffled; run with 2 actors with the shared cache on and off. It reports
@@ -92,6 +93,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 # ---- the methods ---------------------------------------------------------------------------------------------------
+
+
+def pass_order(names: list[str], repeat: int) -> list[str]:
+    """The methods' order in pass `repeat`: as listed, reversed on every other pass, so that a machine getting
+    faster or slower during the run does not favour whichever method always runs first."""
+    return names if repeat % 2 == 0 else names[::-1]
 
 
 def run_direct(config: GenerateConfig, prompts: list[str]) -> dict:
@@ -264,24 +271,28 @@ def main(argv: list[str] | None = None) -> dict:
     # The direct loop and HF get the torch threads that one pipeline actor gets, so only Ray differs.
     actor_cpus = plan_actor_resources(config, ray.cluster_resources()).num_cpus
     torch.set_num_threads(max(1, math.floor(actor_cpus)))
-    runs: dict[str, list[dict]] = {name: [] for name in ("direct", "pipeline_1", "pipeline_2", "hf_batched")}
-    for repeat in range(args.repeats):
-        print(f"pass {repeat + 1}/{args.repeats}: direct loop")
-        runs["direct"].append(run_direct(config, prompts))
-        for num_actors in (1, 2):
-            print(f"pass {repeat + 1}/{args.repeats}: pipeline with {num_actors} actor(s)")
-            runs[f"pipeline_{num_actors}"].append(
-                run_pipeline(
-                    config.model_copy(update={"num_actors": num_actors}),
-                    prompts,
-                    workdir,
-                    f"pipeline{num_actors}-{repeat}",
-                )
+    methods = {
+        "direct": ("direct loop", lambda repeat: run_direct(config, prompts)),
+        **{
+            f"pipeline_{n}": (
+                f"pipeline with {n} actor(s)",
+                lambda repeat, n=n: run_pipeline(
+                    config.model_copy(update={"num_actors": n}), prompts, workdir, f"pipeline{n}-{repeat}"
+                ),
             )
-        print(f"pass {repeat + 1}/{args.repeats}: HF generate, batches of {args.hf_batch_size}")
-        runs["hf_batched"].append(
-            run_hf_batched(args.model, prompts, args.max_new_tokens, args.hf_batch_size)
-        )
+            for n in (1, 2)
+        },
+        "hf_batched": (
+            f"HF generate, batches of {args.hf_batch_size}",
+            lambda repeat: run_hf_batched(args.model, prompts, args.max_new_tokens, args.hf_batch_size),
+        ),
+    }
+    runs: dict[str, list[dict]] = {name: [] for name in methods}
+    for repeat in range(args.repeats):
+        for name in pass_order(list(methods), repeat):
+            label, run = methods[name]
+            print(f"pass {repeat + 1}/{args.repeats}: {label}")
+            runs[name].append(run(repeat))
     reference = runs["direct"][0]["texts"]
     methods = {name: median_record(name_runs, reference) for name, name_runs in runs.items()}
     direct_rate = methods["direct"]["tokens_per_s"]
@@ -305,7 +316,10 @@ def main(argv: list[str] | None = None) -> dict:
         "pipeline_1_generation_tokens_per_s": runs["pipeline_1"][0]["summary"][
             "tokens_per_generation_second"
         ],
-        "pipeline_1_startup_seconds": runs["pipeline_1"][0]["summary"]["startup_seconds"],
+        "pipeline_1_startup_seconds": statistics.median(
+            run["summary"]["startup_seconds"] for run in runs["pipeline_1"]
+        ),
+        "pipeline_1_startup_seconds_runs": [run["summary"]["startup_seconds"] for run in runs["pipeline_1"]],
     }
     if not args.skip_cache_workload:
         distinct = read_prompt_column(args.prompts, "prompt", args.cache_prompts)
@@ -348,6 +362,10 @@ def format_results(results: dict) -> str:
             f"{name:<12} {record['tokens_per_s']:>9.1f} {record['ratio_to_direct']:>9.2f}x {steady_text} "
             f"{record['identical_to_direct']:>9.0%}"
         )
+    lines.append(
+        f"pipeline_1 start-up (to its first batch): median {results['pipeline_1_startup_seconds']:.1f} s, runs "
+        + ", ".join(f"{seconds:.1f}" for seconds in results["pipeline_1_startup_seconds_runs"])
+    )
     cache = results.get("cache_workload")
     if cache:
         lines.append(

@@ -1,4 +1,5 @@
-"""The static-tree grid search times every tree on each prompt before the next, in a rotating order."""
+"""Benchmarks interleave what they compare: the static-tree grid search times every tree on each prompt before
+the next, in a rotating order; the pipeline bench reverses its methods' order on every other pass."""
 
 from __future__ import annotations
 
@@ -23,3 +24,11 @@ def test_grid_search_interleaves_trees_prompt_by_prompt(monkeypatch):
     assert [shape for _, shape in calls[:6]] == ["4/3/1", "8/7/1", "8/3/2", "8/7/1", "8/3/2", "4/3/1"]
     assert set(table) == {"4/3/1", "8/7/1", "8/3/2"} and all(rate > 0 for rate in table.values())
     assert best.compact == max(table, key=table.get)
+
+
+def test_the_pipeline_bench_reverses_its_order_on_every_other_pass():
+    from jobs.bench_pipeline import pass_order
+
+    names = ["direct", "pipeline_1", "pipeline_2", "hf_batched"]
+    assert pass_order(names, 0) == names and pass_order(names, 2) == names
+    assert pass_order(names, 1) == ["hf_batched", "pipeline_2", "pipeline_1", "direct"]
