@@ -233,6 +233,7 @@ def decisions_record(summary: dict) -> dict:
         "local_hits": decisions.get("local_hits", 0),
         "shared_lookups": decisions.get("shared_lookups", 0),
         "shared_hits": decisions.get("shared_hits", 0),
+        "link_lookups": decisions.get("link_lookups", 0),
         "cross_actor_hits": decisions.get("cross_actor_hits", 0),
         "cross_actor_hit_rate": decisions.get("cross_actor_hit_rate", 0.0),
         "hit_rate": (decisions.get("local_hits", 0) + decisions.get("shared_hits", 0))
