@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     # The direct loop and HF get the torch threads that one pipeline actor gets, so only Ray differs.
     actor_cpus = plan_actor_resources(config, ray.cluster_resources()).num_cpus
     torch.set_num_threads(max(1, math.floor(actor_cpus)))
-    methods = {
+    runners = {
         "direct": ("direct loop", lambda repeat: run_direct(config, prompts)),
         **{
             f"pipeline_{n}": (
@@ -288,10 +288,10 @@ def main(argv: list[str] | None = None) -> dict:
             lambda repeat: run_hf_batched(args.model, prompts, args.max_new_tokens, args.hf_batch_size),
         ),
     }
-    runs: dict[str, list[dict]] = {name: [] for name in methods}
+    runs: dict[str, list[dict]] = {name: [] for name in runners}
     for repeat in range(args.repeats):
-        for name in pass_order(list(methods), repeat):
-            label, run = methods[name]
+        for name in pass_order(list(runners), repeat):
+            label, run = runners[name]
             print(f"pass {repeat + 1}/{args.repeats}: {label}")
             runs[name].append(run(repeat))
     reference = runs["direct"][0]["texts"]
