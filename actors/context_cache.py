@@ -18,10 +18,11 @@ connection served on this event loop, for callers to whom a Ray call's own laten
 actors use it, and fall back to the Ray methods when it fails.
 
 Latency (`python -m jobs.bench_cache`: 100k entries, HNSW efSearch 64, 3 rounds of 2000 sequential single
-look-ups from another process, on the 2-vCPU VM this was built on, load ~1.2-1.6): over the link p50 0.74 ms,
-p99 1.73 ms; through a Ray call p50 2.32 ms, p99 4.75 ms. A no-op method on a plain threaded actor alone took
-p50 1.09 ms, p99 2.57 ms there, so only the link gets a single look-up's p99 under 2 ms on that machine. The
-time inside the actor's look-up was p50 0.53-0.66 ms, p99 1.04-1.33 ms.
+look-ups from another process, each query both ways with the two paths taking turns going first, counted on the
+look-ups that went first; on the 2-vCPU VM this was built on, load ~1-1.3): over the link p50 0.83 ms, p99
+1.51 ms; through a Ray call p50 1.98 ms, p99 3.92 ms. A no-op method on a plain threaded actor alone took p50
+0.90 ms, p99 2.02 ms there, so only the link gets a single look-up's p99 under 2 ms on that machine. The time
+inside the actor's look-up was p50 0.49-0.62 ms, p99 0.95-1.14 ms.
 
 Not here: the index itself (`policy/context_index.py`), embeddings, and deciding what to cache (the
 controllers and the generation actor).

@@ -11,8 +11,8 @@ prompts are embedded and looked up there while the batch generates, and results 
 generation whose look-up has not finished when its first step starts simply uses the actor's controller
 (`PromptController`), counted as `not_ready`.
 
-Shared look-ups go over the shared actor's look-up link (`lookup_link.py`: a direct connection, about a third
-of a Ray call's latency), and through a Ray call while the link is down. When the shared actor cannot be reached
+Shared look-ups go over the shared actor's look-up link (`lookup_link.py`: a direct connection, under half
+a Ray call's latency), and through a Ray call while the link is down. When the shared actor cannot be reached
 (dead, restarting, or too slow), the actor carries on with its local cache only, counts the outage, and tries
 the shared actor again after `retry_after_s`. Values are small dicts
 ({"tree": "12/11/1", "actor": "3f2a9c1e", "tokens_per_s": 412.0}); no text is stored.

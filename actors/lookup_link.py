@@ -1,9 +1,9 @@
 """A direct TCP link to the context cache actor's look-ups, beside its Ray methods.
 
-Why: on the 2-vCPU VM this was built on, a Ray actor call alone cost p50 1.09 ms and p99 2.57 ms (a no-op
+Why: on the 2-vCPU VM this was built on, a Ray actor call alone cost p50 0.90 ms and p99 2.02 ms (a no-op
 method on a plain threaded actor, `python -m jobs.bench_cache`), so a single look-up through a Ray method could
 not reach a p99 of 2 ms there, whatever the index did. In the same run a single look-up at 100k entries took p50
-0.74 ms, p99 1.73 ms over this link, and p50 2.32 ms, p99 4.75 ms through a Ray call. The actor serves the link
+0.83 ms, p99 1.51 ms over this link, and p50 1.98 ms, p99 3.92 ms through a Ray call. The actor serves the link
 on its own event loop (`ContextCacheActor.lookup_link`), so link look-ups run on the same thread as every other
 index call and see the same entries. Inserts, stats and snapshots stay on Ray; the link only answers look-ups.
 

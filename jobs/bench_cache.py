@@ -6,7 +6,8 @@ Starts a local Ray (or joins --address), creates a fresh ContextCacheActor and f
 vectors (insert_batch in chunks). A probe actor, a separate worker process, then looks each query up twice,
 sequentially after a warm-up: over the actor's look-up link (`actors/lookup_link.py`, a direct TCP connection
 served on the actor's event loop) and through a Ray call, `ray.get(cache.lookup.remote(q))`, and checks that
-both answer alike. Half the queries are near-duplicates of stored entries (hits) and half random vectors
+both answer alike. The two take turns going first (the second look-up of a query finds the index warm), and the
+bar is judged on the look-ups that went first. Half the queries are near-duplicates of stored entries (hits) and half random vectors
 (misses). Interleaved with them go bare `ping()` round trips to the cache (the cost of the Ray call alone) and
 to a plain threaded actor (Ray's floor); each call is timed with perf_counter. It
 does so for --num-rounds rounds, each reported with the load average around it and the time spent inside the
@@ -35,7 +36,17 @@ from policy.context_index import ContextIndex
 from policy.context_snapshot import FLAT_MAX_ENTRIES
 
 BAR_P99_MS = 2.0
-SAMPLE_NAMES = ("lookup_ms", "link_lookup_ms", "ping_ms", "baseline_ping_ms", "is_hit", "link_agrees")
+SAMPLE_NAMES = (
+    "lookup_ms",
+    "link_lookup_ms",
+    "ping_ms",
+    "baseline_ping_ms",
+    "is_hit",
+    "link_agrees",
+    "link_first",
+)
+LINK_FIRST = "actor lookup over the link, called first (other process)"
+RAY_CALL_FIRST = "actor lookup, Ray call, called first (other process)"
 NAMESPACE = "eagleray-bench"
 
 
@@ -130,12 +141,21 @@ class LatencyProbe:
                     started = time.perf_counter()
                     ray.get(call.remote())
                     timings[name].append((time.perf_counter() - started) * 1e3)
-                started = time.perf_counter()
-                hit = ray.get(cache.lookup.remote(query))
-                timings["lookup_ms"].append((time.perf_counter() - started) * 1e3)
-                started = time.perf_counter()
-                link_hit = link.lookup(query)
-                timings["link_lookup_ms"].append((time.perf_counter() - started) * 1e3)
+                # The second look-up of a query finds the index's memory warm from the first, so the two paths
+                # take turns going first; the bar is judged on the look-ups that went first.
+                link_first = len(timings["link_first"]) % 2 == 0
+                hits = {}
+                for name in (
+                    ("link_lookup_ms", "lookup_ms") if link_first else ("lookup_ms", "link_lookup_ms")
+                ):
+                    started = time.perf_counter()
+                    if name == "link_lookup_ms":
+                        hits[name] = link.lookup(query)
+                    else:
+                        hits[name] = ray.get(cache.lookup.remote(query))
+                    timings[name].append((time.perf_counter() - started) * 1e3)
+                hit, link_hit = hits["lookup_ms"], hits["link_lookup_ms"]
+                timings["link_first"].append(link_first)
                 timings["is_hit"].append(hit is not None)
                 timings["link_agrees"].append(link_hit == hit)
             return timings
@@ -222,8 +242,11 @@ def measure_rounds(
         ray.kill(baseline)
     is_hit = np.asarray(pooled["is_hit"])
     is_near_pooled = np.tile(is_near, num_rounds)
+    link_first = np.asarray(pooled["link_first"])
     return {
         "latency": {
+            LINK_FIRST: summarise(np.asarray(pooled["link_lookup_ms"])[link_first]),
+            RAY_CALL_FIRST: summarise(np.asarray(pooled["lookup_ms"])[~link_first]),
             "actor lookup over the link (other process)": summarise(pooled["link_lookup_ms"]),
             "actor lookup, Ray call (other process)": summarise(pooled["lookup_ms"]),
             "actor ping (other process, Ray call only)": summarise(pooled["ping_ms"]),
@@ -308,7 +331,7 @@ def print_table(results: dict[str, Any]) -> None:
         f"{results['load_average_after']}"
     )
     print(f"the link answered as the Ray call did on {results['link_agrees_with_ray_call']:.1%} of look-ups")
-    for label in ("actor lookup over the link (other process)", "actor lookup, Ray call (other process)"):
+    for label in (LINK_FIRST, RAY_CALL_FIRST):
         p99 = results["latency"][label]["p99_ms"]
         verdict = "meets" if p99 <= BAR_P99_MS else "MISSES"
         print(f"{label}: p99 {p99:.3f} ms (all rounds pooled) {verdict} the {BAR_P99_MS} ms bar")
