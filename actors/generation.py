@@ -7,7 +7,7 @@ prompt-level decision caches in front of the shared cache actor, and the dashboa
     plan rows (pipeline.rows) -> tokenize -> context check -> prompt decisions (local, then shared)
       -> engine.generate_batch (batch in, batch out) -> detokenize -> result columns -> publish decisions + stats
 
-Every input row comes back, with every input column, plus the result columns (`pipeline.config.OUTPUT_COLUMNS`).
+Every input row comes back, with every input column, plus the result columns (`common.config.OUTPUT_COLUMNS`).
 A row that cannot be generated gets `__inference_error__` and nulls; the batch goes on. Failures to load models
 are fatal and raise. Ray is touched only for the runtime context (CPU count, actor id), the shared-cache handle
 and metrics; everything else is plain Python, so tests can call the class without a cluster.
@@ -28,10 +28,10 @@ import torch
 
 from actors.decisions import PromptController, PromptDecisions
 from actors.metrics import ActorMetrics
+from common.config import ERROR_COLUMN, GenerateConfig
 from engine.batch import GenerationRequest, RequestResult, generate_batch
 from engine.ea_model import EaModel
 from engine.types import GenerationOutput, SamplingParams, StepStats
-from pipeline.config import ERROR_COLUMN, GenerateConfig
 from pipeline.rows import RowPlan, plan_rows
 from policy.actions import DEFAULT_ACTIONS
 from policy.caches import content_key

@@ -189,8 +189,31 @@ class DecodingState:
 
 
 class Controller(Protocol):
-    """Chooses TreeParams per step. Static, heuristic and learned controllers implement this."""
+    """Chooses TreeParams per step. Static, heuristic and learned controllers implement this.
+
+    The engine calls `decide` before every step, `observe` after it, and `finish` once when the generation ends
+    (its new tokens and wall seconds; controllers that keep no wall-time statistics do nothing)."""
 
     def decide(self, state: DecodingState) -> TreeParams: ...
 
     def observe(self, stats: StepStats) -> None: ...
+
+    def finish(self, num_new_tokens: int, wall_seconds: float) -> None: ...
+
+
+class StaticController:
+    """The same TreeParams on every step: the baseline, a grid search's candidate, and the policy's fallback."""
+
+    def __init__(self, params: TreeParams) -> None:
+        if not isinstance(params, TreeParams):
+            raise ValueError(f"StaticController needs a TreeParams, got {params!r}")
+        self.params = params
+
+    def decide(self, state: DecodingState) -> TreeParams:
+        return self.params
+
+    def observe(self, stats: StepStats) -> None:
+        return None
+
+    def finish(self, num_new_tokens: int, wall_seconds: float) -> None:
+        return None

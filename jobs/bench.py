@@ -17,7 +17,7 @@ import argparse
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.benchmark import (
+from bench.benchmark import (
     default_grid,
     eagle_method,
     grid_search,
@@ -25,7 +25,7 @@ from engine.benchmark import (
     run_benchmark,
     static_eagle_method,
 )
-from engine.demo.build import DEFAULT_DEMO_ROOT
+from demo.build import DEFAULT_DEMO_ROOT
 from engine.draft_head import DraftHead
 from engine.target import TargetModel
 from engine.types import EAGLE_DEFAULT_TREE, TreeParams

@@ -36,12 +36,12 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.generation import GenerationActor
-from engine.demo.build import DEFAULT_DEMO_ROOT
+from common.config import GenerateConfig
+from demo.build import DEFAULT_DEMO_ROOT
 from jobs.demo import ensure_demo
 from jobs.prompts import read_prompt_column
 from jobs.results import write_json
 from pipeline.build import run_generate
-from pipeline.config import GenerateConfig
 from pipeline.resources import plan_actor_resources
 from pipeline.rows import validate_rows
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from engine.demo.build import DEFAULT_DEMO_ROOT, PRESETS, format_report
+from demo.build import DEFAULT_DEMO_ROOT, PRESETS, format_report
 from jobs.demo import build_all
 
 

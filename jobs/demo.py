@@ -11,13 +11,13 @@ import os
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.demo.build import DEFAULT_DEMO_ROOT, build_demo, demo_is_built, demo_paths, format_report
+from demo.build import DEFAULT_DEMO_ROOT, build_demo, demo_is_built, demo_paths, format_report
 from engine.draft_head import DraftHead
 from engine.target import TargetModel
 from jobs.prompts import read_prompt_column
 from policy.actions import DEFAULT_ACTIONS
 from policy.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_policy
-from policy.train import PolicyTrainConfig, train_policy
+from training.train_policy import PolicyTrainConfig, train_policy
 
 POLICY_PRESETS = {
     "full": PolicyTrainConfig(epochs=3, max_new_tokens=128),

@@ -22,8 +22,8 @@ import sys
 
 from pydantic import ValidationError
 
-from engine.demo.build import DEFAULT_DEMO_ROOT
-from pipeline.config import GenerateConfig, describe_validation_error
+from common.config import GenerateConfig, describe_validation_error
+from demo.build import DEFAULT_DEMO_ROOT
 from pipeline.inputs import InputError
 
 DEFAULT_INPUT = "examples/prompts.parquet"
@@ -92,7 +92,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def build_config(args: argparse.Namespace) -> GenerateConfig:
     """The validated config. Model paths left out are the demo's (checked, not built, here)."""
-    from engine.demo.build import demo_paths
+    from demo.build import demo_paths
 
     demo = demo_paths(args.demo_root)
     return GenerateConfig(

@@ -29,12 +29,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from engine.demo.build import DEFAULT_DEMO_ROOT, demo_paths
+from common.config import ERROR_COLUMN, GenerateConfig
+from demo.build import DEFAULT_DEMO_ROOT, demo_paths
 from jobs.demo import ensure_demo
 from jobs.prompts import read_prompt_column
 from jobs.results import write_json
 from pipeline.build import run_generate
-from pipeline.config import ERROR_COLUMN, GenerateConfig
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

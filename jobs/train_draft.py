@@ -13,9 +13,9 @@ import os
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.train_draft import DraftTrainConfig, train_draft_head
 from engine.types import TreeParams
 from jobs.prompts import read_prompt_column
+from training.train_draft import DraftTrainConfig, train_draft_head
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,11 +16,11 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.demo.build import DEFAULT_DEMO_ROOT
+from demo.build import DEFAULT_DEMO_ROOT
 from engine.draft_head import DraftHead
 from engine.target import TargetModel
 from jobs.prompts import read_prompt_column
-from policy.train import PolicyTrainConfig, train_policy
+from training.train_policy import PolicyTrainConfig, train_policy
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -30,12 +30,12 @@ from ray.data import ActorPoolStrategy, DataContext, Dataset
 
 from actors.context_cache import get_or_create_context_cache
 from actors.generation import GenerationActor
-from actors.summary import aggregate_actor_stats, format_summary
-from pipeline.config import ERROR_COLUMN, GenerateConfig
+from common.config import ERROR_COLUMN, GenerateConfig
 from pipeline.inputs import InputError, InputFiles, resolve_input, split_uri
 from pipeline.resources import IO_TASK_CPUS, ActorResources, plan_actor_resources
 from pipeline.resume import JOB_NAME, ResumeState, list_result_files, plan_resume
 from pipeline.rows import prepare_batch
+from pipeline.summary import aggregate_actor_stats, format_summary
 
 STATS_NAME = "_stats.json"
 CACHE_SNAPSHOT_NAME = "_context_cache"

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.config import OUTPUT_COLUMNS
+from common.config import OUTPUT_COLUMNS
 
 GLOB_CHARACTERS = "*?["
 

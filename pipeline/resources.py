@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.config import GenerateConfig
+from common.config import GenerateConfig
 
 IO_CPU_RESERVE = 0.5  # CPUs kept free for Ray Data's read / validate / write tasks
 IO_TASK_CPUS = 0.1  # what each of those tasks asks for

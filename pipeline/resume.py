@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pipeline.config import GenerateConfig
+from common.config import GenerateConfig
 from pipeline.inputs import InputError, InputFiles
 
 JOB_NAME = "_job.json"

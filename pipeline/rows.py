@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipeline.config import ERROR_COLUMN, MAX_TEMPERATURE, GenerateConfig
+from common.config import ERROR_COLUMN, MAX_TEMPERATURE, GenerateConfig
 from pipeline.resume import ROW_HASH_COLUMN, id_digests, is_done
 
 MAX_NEW_TOKENS_COLUMN = "max_new_tokens"

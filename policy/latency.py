@@ -29,6 +29,7 @@ import numpy as np
 from engine.types import TreeParams
 
 FORMAT_VERSION = 1
+LATENCY_NAME = "latency.json"  # the table's file name in a policy folder
 
 
 def latency_signature(model_config: dict, device: str, num_threads: int | None = None) -> dict:

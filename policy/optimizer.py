@@ -35,10 +35,9 @@ from policy.controllers import LearnedController
 from policy.embedding import EMBEDDING_DIM, BackgroundEmbedder, load_minilm_encoder
 from policy.frequency import SmartFrequencyAdjuster
 from policy.fuzzy_cache import FuzzyCache
-from policy.latency import LatencyTable
+from policy.latency import LATENCY_NAME, LatencyTable
 from policy.observation import FEATURE_NAMES, ObservationBuilder
 from policy.stats import OptimizationStats, format_stats
-from policy.train import LATENCY_NAME
 
 FALLBACK_TREE = TreeParams(8, 4, 2)
 EMBEDDING_CONTEXT_CHARS = 512  # the tail of the context that is embedded

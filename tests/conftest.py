@@ -20,7 +20,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Qwen2Co
 
 from engine.draft_head import DraftHead
 from engine.target import TargetModel
-from engine.train_draft import DraftTrainConfig, collect_features, train_head
+from training.train_draft import DraftTrainConfig, collect_features, train_head
 
 # One intra-op thread: these models are tiny, and on the shared two-core machine two OpenMP threads that spin
 # against other work made the same tests 10-80x slower (measured: 1.1 s vs 93 s for 20 speculative generations).

@@ -3,7 +3,7 @@ the next, in a rotating order; the pipeline bench reverses its methods' order on
 
 from __future__ import annotations
 
-from engine import benchmark
+from bench import benchmark
 from engine.types import TreeParams
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.demo.build import build_demo, demo_is_built, demo_paths
+from demo.build import build_demo, demo_is_built, demo_paths
 from engine.ea_model import EaModel
 from jobs import bench
 from jobs import build_demo as build_demo_job

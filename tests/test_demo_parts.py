@@ -13,9 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.demo.corpus import Corpus, build_corpus, make_prompts, split_key, write_prompts_parquet
-from engine.demo.target import TINY_TARGET_CONFIG, target_preset, tokenize_corpus, train_target
-from engine.demo.tokenizer import train_tokenizer
+from demo.corpus import Corpus, build_corpus, make_prompts, split_key, write_prompts_parquet
+from demo.target import TINY_TARGET_CONFIG, target_preset, tokenize_corpus, train_target
+from demo.tokenizer import train_tokenizer
 
 ROUND_TRIP_TEXTS = [
     'def greet(name: str) -> str:\n\t"""Say hello."""\n\treturn f"héllo {name} — ünïcödé 日本語 🐍"\n',

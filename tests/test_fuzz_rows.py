@@ -20,10 +20,10 @@ import pytest
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from engine.demo.build import demo_paths
+from common.config import ERROR_COLUMN, MAX_TEMPERATURE, GenerateConfig
+from demo.build import demo_paths
 from engine.ea_model import EaModel
 from pipeline.build import run_generate
-from pipeline.config import ERROR_COLUMN, MAX_TEMPERATURE, GenerateConfig
 from pipeline.resume import id_digests
 from pipeline.rows import (
     MAX_NEW_TOKENS_COLUMN,

@@ -8,9 +8,9 @@ import pytest
 
 from actors.decisions import PromptController, PromptDecisions
 from actors.generation import GenerationActor
-from engine.demo.build import demo_paths
+from common.config import ERROR_COLUMN, GenerateConfig
+from demo.build import demo_paths
 from engine.types import DecodingState, DraftConfidence, StepStats, TreeParams
-from pipeline.config import ERROR_COLUMN, GenerateConfig
 from pipeline.rows import validate_rows
 
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from engine.demo.build import demo_paths
+from demo.build import demo_paths
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

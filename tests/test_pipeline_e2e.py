@@ -15,11 +15,11 @@ import ray
 
 from actors.context_cache import get_or_create_context_cache
 from actors.generation import RESULT_SCHEMA
-from engine.demo.build import demo_paths
+from common.config import ERROR_COLUMN, GenerateConfig
+from demo.build import demo_paths
 from engine.ea_model import EaModel
 from jobs import generate
 from pipeline.build import STATS_NAME, run_generate
-from pipeline.config import ERROR_COLUMN, GenerateConfig
 
 MAX_NEW_TOKENS = 12
 

@@ -18,9 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from engine.demo.build import demo_paths
+from common.config import ERROR_COLUMN, GenerateConfig
+from demo.build import demo_paths
 from pipeline.build import run_generate
-from pipeline.config import ERROR_COLUMN, GenerateConfig
 from pipeline.resume import list_result_files
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

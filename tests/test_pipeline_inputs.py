@@ -12,8 +12,8 @@ from pydantic import ValidationError
 
 from actors.decisions import best_tree
 from actors.generation import compact_trees, row_seed
+from common.config import ERROR_COLUMN, GenerateConfig, describe_validation_error
 from engine.types import DraftConfidence, StepStats, TreeParams
-from pipeline.config import ERROR_COLUMN, GenerateConfig, describe_validation_error
 from pipeline.inputs import InputError, resolve_input
 from pipeline.resources import plan_actor_resources
 from pipeline.rows import plan_row, validate_rows

@@ -11,7 +11,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.config import GenerateConfig
+from common.config import GenerateConfig
 from pipeline.inputs import InputError, resolve_input
 from pipeline.resume import JOB_NAME, id_digests, is_done, plan_resume
 from pipeline.rows import prepare_batch

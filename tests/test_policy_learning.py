@@ -21,7 +21,7 @@ from policy.checkpoint import WEIGHTS_NAME, load_policy, save_policy
 from policy.controllers import HeuristicController, LearnedController, StaticController
 from policy.latency import LatencyTable, latency_signature
 from policy.observation import NUM_FEATURES, ObservationBuilder
-from policy.train import PolicyTrainConfig, train_policy
+from training.train_policy import PolicyTrainConfig, train_policy
 
 torch.set_num_threads(1)
 

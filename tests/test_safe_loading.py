@@ -24,9 +24,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from common.config import GenerateConfig
 from engine.draft_head import BIN_NAME, SAFETENSORS_NAME, DraftHead, DraftHeadConfig
 from engine.ea_model import EaModel
-from pipeline.config import GenerateConfig
 from policy.checkpoint import CONFIG_NAME as POLICY_CONFIG_NAME
 from policy.checkpoint import WEIGHTS_NAME as POLICY_WEIGHTS_NAME
 from policy.checkpoint import load_policy

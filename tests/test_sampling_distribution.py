@@ -14,8 +14,8 @@ from scipy.stats import chisquare
 
 from engine.generate import generate_speculative
 from engine.target import TargetModel
-from engine.train_draft import DraftTrainConfig, collect_features, train_head
 from engine.types import SamplingParams, TreeParams
+from training.train_draft import DraftTrainConfig, collect_features, train_head
 
 VOCAB = 12
 PROMPT = [3, 1, 4]

@@ -2,7 +2,7 @@
 
 This module collects documents, splits them into train and held-out sets by whole module (or pydoc topic), and
 cuts evaluation prompts from the held-out documents only, writing them to Parquet. It does not tokenize for
-training or train anything; see `engine.demo.tokenizer` and `engine.demo.target`.
+training or train anything; see `demo.tokenizer` and `demo.target`.
 
 The split is a stable hash of the module name, so it never depends on the seed, the machine or file order:
 the same modules are held out for every preset.

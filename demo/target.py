@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase
 
-from engine.demo.corpus import Document
+from demo.corpus import Document
 
 # The final train loss is the mean over this many last steps, to smooth batch noise.
 NUM_FINAL_LOSS_STEPS = 10

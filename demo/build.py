@@ -21,11 +21,11 @@ from dataclasses import asdict, dataclass
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine.demo.corpus import build_corpus, make_prompts, write_prompts_parquet
-from engine.demo.target import target_preset, tokenize_corpus, train_target
-from engine.demo.tokenizer import train_tokenizer
-from engine.train_draft import DraftTrainConfig, train_draft_head
+from demo.corpus import build_corpus, make_prompts, write_prompts_parquet
+from demo.target import target_preset, tokenize_corpus, train_target
+from demo.tokenizer import train_tokenizer
 from engine.types import TreeParams
+from training.train_draft import DraftTrainConfig, train_draft_head
 
 DEFAULT_DEMO_ROOT = "models/demo"
 REPORT_NAME = "build_report.json"

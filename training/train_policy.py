@@ -26,10 +26,9 @@ from policy.actions import DEFAULT_ACTIONS, ActionSet
 from policy.bandit import LinearBandit
 from policy.checkpoint import save_policy
 from policy.controllers import LearnedController
-from policy.latency import LatencyTable, latency_signature
+from policy.latency import LATENCY_NAME, LatencyTable, latency_signature
 from policy.observation import NUM_FEATURES, ObservationBuilder
 
-LATENCY_NAME = "latency.json"
 CURVE_NAME = "learning_curve.png"
 REPORT_NAME = "train_report.json"
 
