@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from engine.draft_head import DraftHead
-from engine.generate import Controller, generate_speculative
+from engine.generate import generate_speculative
 from engine.target import TargetModel
-from engine.types import TreeParams
+from engine.types import Controller, StaticController, TreeParams
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def eagle_method(
     name: str,
     target: TargetModel,
     head: DraftHead,
-    controller_factory: Callable[[], Controller | TreeParams],
+    controller_factory: Callable[[], Controller],
     tree_params: str | None = None,
     decision_seconds: Callable[[], float] | None = None,
 ) -> BenchMethod:
@@ -105,7 +105,8 @@ def eagle_method(
 
 
 def static_eagle_method(name: str, target: TargetModel, head: DraftHead, params: TreeParams) -> BenchMethod:
-    return eagle_method(name, target, head, lambda: params, tree_params=params.compact)
+    controller = StaticController(params)
+    return eagle_method(name, target, head, lambda: controller, tree_params=params.compact)
 
 
 def run_benchmark(
@@ -189,7 +190,7 @@ def grid_search(
 
     Every tree runs on a prompt before the next prompt starts, in an order that rotates from prompt to prompt,
     so that a machine that speeds up or slows down during the search favours no tree (timing one tree after
-    another over all prompts once picked 6/5/1 at 401 tokens/s over 12/11/1 at 299 that way).
+    another over all prompts lets such drift pick the winner).
     """
     grid = list(grid)
     seconds = dict.fromkeys((params.compact for params in grid), 0.0)
@@ -199,7 +200,9 @@ def grid_search(
         shift = index % len(grid)
         for params in grid[shift:] + grid[:shift]:
             started = time.perf_counter()
-            output = generate_speculative(target, head, prompt, params, max_new_tokens=max_new_tokens)
+            output = generate_speculative(
+                target, head, prompt, StaticController(params), max_new_tokens=max_new_tokens
+            )
             seconds[params.compact] += time.perf_counter() - started
             generated[params.compact] += output.num_new_tokens
             bar.update(1)

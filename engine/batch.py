@@ -17,25 +17,29 @@ import torch
 from engine.draft_head import DraftHead
 from engine.generate import GenerationTimeout, generate_speculative
 from engine.target import TargetModel
-from engine.types import Controller, GenerationOutput, SamplingParams, TreeParams
+from engine.types import Controller, GenerationOutput, SamplingParams
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     """One prompt to continue.
 
-    controller: the tree policy for this request (a Controller or a fixed TreeParams).
+    controller: the tree policy for this request (wrap a fixed TreeParams in `StaticController`).
     seed: seeds the sampling generator (ignored when greedy), so a row's sample does not depend on its batch.
+        The generator lives on the target's device, where sampling draws, so a seed's text is reproducible
+        per device type (CPU and CUDA draw different streams).
     timeout_s: if given, the request fails with a GenerationTimeout once it has run this long (checked between
         steps).
+    time_steps: whether the steps' StepStats carry draft and verify seconds (see `generate_speculative`).
     """
 
     prompt_ids: list[int]
     max_new_tokens: int
-    controller: Controller | TreeParams
+    controller: Controller
     sampling: SamplingParams = SamplingParams()
     seed: int = 0
     timeout_s: float | None = None
+    time_steps: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +72,7 @@ def generate_batch(
                 before_request(index, request)
             generator = None
             if not request.sampling.is_greedy:
-                generator = torch.Generator().manual_seed(request.seed)  # the engine samples on CPU
+                generator = torch.Generator(device=target.device).manual_seed(request.seed)
             output = generate_speculative(
                 target,
                 head,
@@ -79,6 +83,7 @@ def generate_batch(
                 max_length=max_length,
                 generator=generator,
                 deadline=deadline,
+                time_steps=request.time_steps,
             )
             results.append(RequestResult(output=output))
         except GenerationTimeout as error:

@@ -109,22 +109,25 @@ class Drafter:
             num_candidates += top_k * top_k
 
         self.cache.crop(prefix_length)  # tree entries are scratch; accepted tokens are re-read as pending
+        # The M = top_k + depth * top_k**2 candidates go to the host, where the tree is selected and described.
         candidates = ScoredCandidates(
             token_ids=torch.cat(token_chunks).cpu(),
             scores=torch.cat(score_chunks).cpu(),
             parents=torch.cat(parent_chunks).cpu(),
         )
         tree = select_tree(root_token_id, candidates, params.total_tokens)
-        return DraftResult(tree=tree, confidence=_confidence(root_log_probs.cpu(), tree))
+        return DraftResult(tree=tree, confidence=_confidence(root_log_probs, tree))
 
 
 def _confidence(root_log_probs: torch.Tensor, tree: DraftTree) -> DraftConfidence:
+    """root_log_probs [V] on the draft's device: reduced there, so only two scalars cross to the host."""
     probs = root_log_probs.exp()
+    top1_prob, entropy = torch.stack((probs.max(), -(probs * root_log_probs.clamp(min=-1e9)).sum())).tolist()
     drafted = tree.scores[1:]
     deepest = tree.depths[1:] == tree.depths.max()
     return DraftConfidence(
-        root_top1_prob=float(probs.max()),
-        root_entropy=float(-(probs * root_log_probs.clamp(min=-1e9)).sum()),
+        root_top1_prob=top1_prob,
+        root_entropy=entropy,
         best_path_logprob=float(drafted[deepest].max()) if drafted.numel() else 0.0,
         mean_node_logprob=float(drafted.mean()) if drafted.numel() else 0.0,
     )

@@ -13,9 +13,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from engine.draft_head import DraftHead
-from engine.generate import Controller, generate_plain, generate_speculative
+from engine.generate import generate_plain, generate_speculative
 from engine.target import TargetModel
-from engine.types import GenerationOutput, SamplingParams, TreeParams
+from engine.types import Controller, GenerationOutput, SamplingParams, StaticController, TreeParams
 
 
 class EaModel(torch.nn.Module):
@@ -98,9 +98,10 @@ class EaModel(torch.nn.Module):
         generator: torch.Generator | None = None,
     ):
         """Speculative generation. Returns ids [1, prompt + new]; with log=True, (ids, new_tokens, steps) as the
-        official one does. `rl_policy` (a Controller) or `tree_params` override the tree shape for this call."""
+        official one does. `rl_policy` (a Controller) or `tree_params` override the tree shape for this call.
+        A sampling `generator` must be on the model's device."""
         del is_llama3  # the official flag adds <|eot_id|> as a stop; here eos comes from the model config
-        controller = rl_policy or tree_params or self.tree_params
+        controller = rl_policy or StaticController(tree_params or self.tree_params)
         output = generate_speculative(
             self.target,
             self.ea_layer,

@@ -1,8 +1,8 @@
-"""The speculative decoding loop: prefill, then draft -> verify -> accept until a stop condition.
+"""The speculative decoding loop: prefill, then `engine.step.run_step` until a stop condition.
 
-Every step takes its TreeParams from a controller (or a fixed value) and returns a StepStats. The output never
-depends on the controller: only tokens the target itself would emit are accepted. Plain autoregressive decoding
-with the same stop rules (`generate_plain`) is the reference the speculative loop is tested against.
+Every step takes its TreeParams from a controller and returns a StepStats. The output never depends on the
+controller: only tokens the target itself would emit are accepted. Plain autoregressive decoding with the same
+stop rules (`generate_plain`) is the reference the speculative loop is tested against.
 
 Token ids in, token ids out: no tokenizer, no prompts, no Ray here.
 """
@@ -16,34 +16,27 @@ import torch
 
 from engine.draft import Drafter, PendingDraftInput
 from engine.draft_head import DraftHead
+from engine.step import run_step, step_timer
 from engine.target import TargetModel
-from engine.tree import additive_mask
-from engine.types import Controller, DecodingState, GenerationOutput, SamplingParams, StepStats, TreeParams
-from engine.verify import sample_token, verify_greedy, verify_sampling
+from engine.types import Controller, DecodingState, GenerationOutput, SamplingParams, StepStats
+from engine.verify import sample_token
 
 
 class GenerationTimeout(RuntimeError):
     """A generation ran past its deadline (`generate_speculative(..., deadline=...)`)."""
 
 
-class FixedTreeController:
-    """The same TreeParams on every step."""
-
-    def __init__(self, params: TreeParams) -> None:
-        self.params = params
-
-    def decide(self, state: DecodingState) -> TreeParams:
-        return self.params
-
-    def observe(self, stats: StepStats) -> None:
-        return None
-
-
 @dataclass(frozen=True)
 class StopRules:
+    """When a generation ends: `max_new_tokens` new tokens, `context_limit` tokens in all, or an eos token."""
+
     max_new_tokens: int
     context_limit: int
     eos_token_ids: frozenset[int]
+
+    def tokens_left(self, length: int, prompt_length: int) -> int:
+        """How many more tokens a sequence of `length` tokens may still emit."""
+        return min(self.max_new_tokens - (length - prompt_length), self.context_limit - length)
 
 
 def as_batch(input_ids: torch.Tensor | list[int]) -> torch.Tensor:
@@ -80,6 +73,26 @@ def stop_rules(
     return StopRules(max_new_tokens=max_new_tokens, context_limit=limit, eos_token_ids=eos_ids)
 
 
+def prepare(
+    target: TargetModel,
+    input_ids: torch.Tensor | list[int],
+    max_new_tokens: int,
+    max_length: int | None,
+    eos_token_id: int | list[int] | None,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, StopRules]:
+    """Check a generation's arguments; return the prompt as [1, T] on the target's device and its stop rules.
+
+    Sampling draws on the target's device, so a generator must live there (torch.Generator(device=...))."""
+    ids = as_batch(input_ids).to(target.device)
+    if generator is not None and generator.device.type != target.device.type:
+        raise ValueError(
+            f"the generator is on {generator.device} but the target on {target.device}; sampling draws where "
+            "the model runs, so build it with torch.Generator(device=target.device)"
+        )
+    return ids, stop_rules(target, ids.shape[1], max_new_tokens, max_length, eos_token_id)
+
+
 def append_tokens(
     output: list[int], new_tokens: list[int], rules: StopRules, prompt_length: int
 ) -> str | None:
@@ -95,10 +108,12 @@ def append_tokens(
     return None
 
 
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+def check_deadline(deadline: float | None, started: float, num_new_tokens: int) -> None:
+    if deadline is not None and time.perf_counter() > deadline:
+        raise GenerationTimeout(
+            f"stopped after {time.perf_counter() - started:.1f} s and {num_new_tokens} new tokens, past the "
+            "deadline"
+        )
 
 
 @torch.inference_mode()
@@ -106,101 +121,49 @@ def generate_speculative(
     target: TargetModel,
     head: DraftHead,
     input_ids: torch.Tensor | list[int],
-    controller: Controller | TreeParams,
+    controller: Controller,
     sampling: SamplingParams = SamplingParams(),
     max_new_tokens: int = 128,
     max_length: int | None = None,
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
     deadline: float | None = None,
+    time_steps: bool | None = None,
 ) -> GenerationOutput:
     """EAGLE-2 generation of one sequence. Returns ids [1, prompt + new] and one StepStats per step.
 
     deadline: a time.perf_counter() value; a step that would start after it raises GenerationTimeout instead
-    (a step already running finishes first, so a generation overruns it by at most one step)."""
+        (a step already running finishes first, so a generation overruns it by at most one step).
+    time_steps: fill each StepStats' draft and verify seconds. None: on the CPU, where it is free, and not on
+        CUDA, where reading a step's time waits for its kernels; untimed steps report 0.0."""
     started = time.perf_counter()
-    ids = as_batch(input_ids).to(target.device)
+    ids, rules = prepare(target, input_ids, max_new_tokens, max_length, eos_token_id, generator)
     prompt_length = ids.shape[1]
-    rules = stop_rules(target, prompt_length, max_new_tokens, max_length, eos_token_id)
-    if isinstance(controller, TreeParams):
-        controller = FixedTreeController(controller)
     output = ids[0].tolist()
     if max_new_tokens == 0:
         return GenerationOutput(ids.cpu(), prompt_length, 0, [], "length", time.perf_counter() - started)
-
-    cache = target.new_cache()
-    drafter = Drafter(head, target.lm_head)
+    cache, drafter = target.new_cache(), Drafter(head, target.lm_head)
+    timer = step_timer(target.device, time_steps)
     prefill = target.prefill(ids, cache)
-    first_token = sample_token(prefill.logits[0, -1].cpu(), sampling, generator)  # CPU, like verification
+    first_token = sample_token(prefill.logits[0, -1], sampling, generator)
     finish = append_tokens(output, [first_token], rules, prompt_length)
-    pending = PendingDraftInput(
-        features=prefill.features,
-        token_ids=torch.tensor([output[1 : prompt_length + 1]], device=target.device),
-    )
+    pending = PendingDraftInput(prefill.features, torch.tensor([output[1:]], device=target.device))
     steps: list[StepStats] = []
-    last_step = None
-    vocab_size = target.lm_head.out_features
     while finish is None:
-        if deadline is not None and time.perf_counter() > deadline:
-            raise GenerationTimeout(
-                f"stopped after {time.perf_counter() - started:.1f} s and {len(output) - prompt_length} new "
-                "tokens, past the deadline"
-            )
+        check_deadline(deadline, started, len(output) - prompt_length)
+        before = len(output)
         state = DecodingState(
-            len(steps), prompt_length, len(output) - prompt_length, len(output), last_step, token_ids=output
+            len(steps), prompt_length, before - prompt_length, before, steps[-1] if steps else None, output
         )
         params = controller.decide(state)
-        if params.top_k > vocab_size:
-            raise ValueError(
-                f"TreeParams.top_k={params.top_k} exceeds the target's vocabulary of {vocab_size}"
-            )
-
         # Never draft past the last token the generation may emit: a deep chain near the end would pay for
         # drafting and verifying tokens that are cut off anyway. The step still records the controller's choice.
-        remaining = min(
-            rules.max_new_tokens - (len(output) - prompt_length), rules.context_limit - len(output)
-        )
-        draft_started = _clock(target.device)
-        drafted = drafter.draft(pending, params.capped(remaining))
-        verify_started = _clock(target.device)
-        tree = drafted.tree
-        prefix_length = len(output) - 1  # every token but the root is in the target cache
-        token_ids = tree.token_ids.to(target.device)
-        position_ids = (tree.depths + prefix_length)[None].to(target.device)
-        mask = _tree_mask(tree.ancestor_mask, prefix_length, target)
-        scored = target.forward_tree(token_ids, position_ids, mask, cache)
-        logits = scored.logits[0].cpu()
-        if sampling.is_greedy:
-            result = verify_greedy(tree, logits)
-        else:
-            result = verify_sampling(tree, logits, sampling, generator)
-        accepted = torch.tensor(result.accepted_nodes, device=target.device)
-        TargetModel.keep_accepted(cache, prefix_length, accepted)
-        before = len(output)
-        finish = append_tokens(
-            output, [*result.accepted_token_ids, result.bonus_token_id], rules, prompt_length
-        )
-        pending = PendingDraftInput(
-            features=scored.features[:, accepted],
-            token_ids=torch.tensor(
-                [[*result.accepted_token_ids, result.bonus_token_id]], device=target.device
-            ),
-        )
-        finished_at = _clock(target.device)
-
-        last_step = StepStats(
-            step_index=len(steps),
-            tree_params=params,
-            accepted_length=result.accepted_length,
-            num_emitted=len(output) - before,
-            draft_seconds=verify_started - draft_started,
-            verify_seconds=finished_at - verify_started,
-            confidence=drafted.confidence,
-            context_length=before,
-        )
-        steps.append(last_step)
-        controller.observe(last_step)
-
+        capped = params.capped(rules.tokens_left(before, prompt_length))
+        step = run_step(target, drafter, cache, pending, capped, before - 1, sampling, generator, timer)
+        finish = append_tokens(output, step.new_token_ids, rules, prompt_length)
+        pending = step.next_pending
+        steps.append(step.stats(len(steps), params, len(output) - before, before))
+        controller.observe(steps[-1])
     result = GenerationOutput(
         output_ids=torch.tensor([output]),
         num_prompt_tokens=prompt_length,
@@ -209,14 +172,8 @@ def generate_speculative(
         finish_reason=finish,
         wall_seconds=time.perf_counter() - started,
     )
-    finish_hook = getattr(controller, "finish", None)  # optional: controllers that keep wall-time statistics
-    if finish_hook is not None:
-        finish_hook(result.num_new_tokens, result.wall_seconds)
+    controller.finish(result.num_new_tokens, result.wall_seconds)
     return result
-
-
-def _tree_mask(ancestor_mask: torch.Tensor, prefix_length: int, target: TargetModel) -> torch.Tensor:
-    return additive_mask(ancestor_mask.to(target.device), prefix_length, target.dtype)
 
 
 @torch.inference_mode()
@@ -231,9 +188,8 @@ def generate_plain(
 ) -> GenerationOutput:
     """Plain autoregressive decoding with the same stop rules: the reference for identity tests."""
     started = time.perf_counter()
-    ids = as_batch(input_ids).to(target.device)
+    ids, rules = prepare(target, input_ids, max_new_tokens, max_length, eos_token_id, generator)
     prompt_length = ids.shape[1]
-    rules = stop_rules(target, prompt_length, max_new_tokens, max_length, eos_token_id)
     output = ids[0].tolist()
     finish = "length" if max_new_tokens == 0 else None
     cache = target.new_cache()

@@ -6,6 +6,7 @@ deterministically, by top-k): accept child x with probability p(x); on rejection
 if every child is rejected, or the node is a leaf, draw the bonus token from what is left of p. Each emitted
 token is therefore an exact sample from the target distribution p (see tests/test_sampling_distribution.py).
 
+Both run where the logits are (the model's device): the [N+1, V] logits never leave it, only O(tree) ids do.
 This module decides acceptance only; it does not touch caches or models.
 """
 
@@ -61,8 +62,11 @@ def sample_token(logits: torch.Tensor, sampling: SamplingParams, generator: torc
 
 
 def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> VerifyResult:
-    """logits [N+1, V] of the tree nodes -> the longest path the target's argmax agrees with."""
-    predicted = logits.argmax(-1)  # [N+1] the target's choice after each node
+    """logits [N+1, V] of the tree nodes, on any device -> the longest path the target's argmax agrees with.
+
+    The argmax over the vocabulary runs where the logits are; only its N+1 ids move to the tree's device (the
+    host), where the path matching is O(tree)."""
+    predicted = logits.argmax(-1).to(tree.paths.device)  # [N+1] the target's choice after each node
     paths = tree.paths  # [L, D+1]
     node_tokens = tree.token_ids[0]
     children = paths[:, 1:]
@@ -84,29 +88,43 @@ def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> VerifyResult:
 def verify_sampling(
     tree: DraftTree, logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator | None
 ) -> VerifyResult:
-    """Recursive rejection over the tree's children, node by node; see the module docstring."""
+    """Recursive rejection over the tree's children, node by node; see the module docstring.
+
+    Runs where `logits` [N+1, V] are; `generator`, if given, must be on the same device. At a node with target
+    distribution p and children x_1..x_m (in draft order), trying the children one at a time and renormalising
+    after each rejection accepts x_i with probability p(x_i) / r_i, where r_i is the mass left once x_1..x_{i-1}
+    are zeroed: the tokens that are no child plus p(x_i) + ... + p(x_m). All m tests are drawn at once and the
+    first success wins, which is the same distribution. Per visited node one index crosses to the host, and at
+    the end the bonus token.
+
+    Example: p = [0.5, 0.3, 0.2], children x = (0, 1): r = (1.0, 0.5), child 0 is accepted with 0.5, else
+    child 1 with 0.3 / 0.5 = 0.6, else the bonus is token 2 (the residual [0, 0, 0.2], renormalised).
+    """
+    device = logits.device
     node_tokens = tree.token_ids[0].tolist()
-    node = 0
     nodes = [0]
     while True:
-        probs = target_probabilities(logits[node], sampling)
-        accepted_child = None
-        for child in tree.children[node]:
-            token = node_tokens[child]
-            if float(torch.rand((), generator=generator)) < float(probs[token]):
-                accepted_child = child
-                break
-            probs[token] = 0.0
-            total = probs.sum()
-            if total <= 0:  # numerically nothing left; the next draw below would be undefined
-                break
-            probs /= total
-        if accepted_child is None:
-            bonus = (
-                int(torch.multinomial(probs, 1, generator=generator))
-                if probs.sum() > 0
-                else int(logits[node].argmax())
-            )
-            return VerifyResult(nodes, [node_tokens[n] for n in nodes[1:]], bonus)
-        node = accepted_child
-        nodes.append(node)
+        node = nodes[-1]
+        probs = target_probabilities(logits[node], sampling)  # [V]
+        residual = probs  # what the bonus draws from: p without the children that were rejected
+        children = tree.children[node]
+        if children:
+            child_tokens = torch.tensor([node_tokens[child] for child in children], device=device)  # [m]
+            child_probs = probs[child_tokens]  # [m]
+            residual = probs.index_fill(0, child_tokens, 0.0)
+            mass_left = residual.sum() + child_probs.flip(0).cumsum(0).flip(0)  # [m] r_i, never below p(x_i)
+            draws = torch.rand(len(children), generator=generator, device=device)
+            is_accepted = (mass_left > 0) & (draws * mass_left < child_probs)
+            num_rejected = int((is_accepted.cumsum(0) == 0).sum())  # children before the first accepted
+            if num_rejected < len(children):
+                nodes.append(children[num_rejected])
+                continue
+        bonus = _draw_bonus(residual, logits[node], generator)
+        return VerifyResult(nodes, [node_tokens[n] for n in nodes[1:]], bonus)
+
+
+def _draw_bonus(residual: torch.Tensor, logits: torch.Tensor, generator: torch.Generator | None) -> int:
+    """A draw from `residual` [V] (multinomial renormalises); the argmax of `logits` [V] when nothing is left."""
+    argmax = torch.zeros_like(residual).scatter_(0, logits.argmax().view(1), 1.0)
+    weights = torch.where(residual.sum() > 0, residual, argmax)
+    return int(torch.multinomial(weights, 1, generator=generator))

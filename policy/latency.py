@@ -1,16 +1,15 @@
 """Per-machine latency table: the cost of one draft/verify step as a function of TreeParams.
 
-Measured once at start-up by timing the real engine pieces (draft the tree, score it with the target, verify
-greedily, drop the scratch cache) for every action's shape, and cached on disk as JSON keyed by a signature of the
-machine and the model, so a restart on the same machine does not measure again. It gives the bandit a low-noise,
-hardware-aware reward denominator (DESIGN decision 6): the same policy code learns small trees on a CPU and wide
-ones on a GPU.
+The table holds median draft and verify seconds per measured shape. It is measured once at start-up by timing
+the engine's step for every action's shape (`training.step_timing.measure_latency_table`; measuring needs the
+engine, which policy/ does not import) and cached on disk as JSON keyed by a signature of the machine and the
+model, so a restart on the same machine does not measure again. It gives the bandit a low-noise, hardware-aware
+reward denominator: the same policy code learns small trees on a CPU and wide ones on a GPU.
 
 Shapes that were not measured are estimated from two small fits: draft seconds ~ a + b*(depth+1) + c*depth*top_k
 (least squares) and verify seconds by linear interpolation in the verify width total_tokens + 1.
 
-This module never pickles; the engine is imported lazily inside `measure` only, as policy/ imports only
-engine.types at module level.
+This module holds data and JSON only: no measuring, no pickles.
 """
 
 from __future__ import annotations
@@ -20,8 +19,7 @@ import json
 import os
 import platform
 import statistics
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -154,74 +152,3 @@ class LatencyTable:
         table.signature = dict(signature)
         table.save(path)
         return table
-
-    # ---- measurement on the real engine -----------------------------------------------------------------------
-
-    @classmethod
-    def measure(
-        cls,
-        target,
-        head,
-        prompt_ids: list[int],
-        actions: Sequence[TreeParams],
-        repeats: int = 5,
-        signature: dict | None = None,
-    ) -> LatencyTable:
-        """Time the engine's step pieces for each action's shape after prefilling `prompt_ids`.
-
-        draft: `Drafter.draft` (read one pending pair, grow and select the tree). verify: `forward_tree` over the
-        tree plus greedy verification. Each repeat crops both KV caches back, so every timing sees the same
-        context length. Medians over `repeats`, after one untimed warm-up per shape.
-        """
-        import torch
-
-        from engine.draft import Drafter, PendingDraftInput
-        from engine.tree import additive_mask
-        from engine.verify import verify_greedy
-
-        if repeats < 1:
-            raise ValueError(f"repeats must be >= 1, got {repeats}")
-        if len(prompt_ids) < 2:
-            raise ValueError("latency measurement needs a prompt of at least 2 tokens")
-        device = target.device
-
-        def clock() -> float:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            return time.perf_counter()
-
-        with torch.inference_mode():
-            ids = torch.tensor([prompt_ids], device=device)
-            cache = target.new_cache()
-            prefill = target.prefill(ids[:, :-1], cache)  # the last prompt token plays the tree root
-            prefix_length = ids.shape[1] - 1
-            drafter = Drafter(head, target.lm_head)
-            history = PendingDraftInput(features=prefill.features[:, :-1], token_ids=ids[:, 1:-1])
-            drafter.read_pending(history)
-            draft_length = drafter.cache.length
-            pending = PendingDraftInput(features=prefill.features[:, -1:], token_ids=ids[:, -1:])
-            no_nodes = torch.zeros(0, dtype=torch.long, device=device)
-
-            draft_times: dict[str, list[float]] = {p.compact: [] for p in actions}
-            verify_times: dict[str, list[float]] = {p.compact: [] for p in actions}
-            for repeat in range(repeats + 1):
-                for params in actions:
-                    started = clock()
-                    drafted = drafter.draft(pending, params)
-                    drafted_at = clock()
-                    tree = drafted.tree
-                    position_ids = (tree.depths + prefix_length)[None].to(device)
-                    mask = additive_mask(tree.ancestor_mask.to(device), prefix_length, target.dtype)
-                    scored = target.forward_tree(tree.token_ids.to(device), position_ids, mask, cache)
-                    verify_greedy(tree, scored.logits[0].cpu())
-                    finished = clock()
-                    target.keep_accepted(cache, prefix_length, no_nodes)  # crop to the prefix
-                    drafter.cache.crop(draft_length)
-                    if repeat > 0:  # repeat 0 is the warm-up
-                        draft_times[params.compact].append(drafted_at - started)
-                        verify_times[params.compact].append(finished - drafted_at)
-        return cls(
-            draft_seconds={k: statistics.median(v) for k, v in draft_times.items()},
-            verify_seconds={k: statistics.median(v) for k, v in verify_times.items()},
-            signature=dict(signature or {}),
-        )

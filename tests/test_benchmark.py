@@ -13,8 +13,8 @@ def test_grid_search_interleaves_trees_prompt_by_prompt(monkeypatch):
     class Output:
         num_new_tokens = 4
 
-    def fake_generate(target, head, prompt, params, max_new_tokens):
-        calls.append((prompt[0], params.compact))
+    def fake_generate(target, head, prompt, controller, max_new_tokens):
+        calls.append((prompt[0], controller.decide(None).compact))
         return Output()
 
     monkeypatch.setattr(benchmark, "generate_speculative", fake_generate)

@@ -22,7 +22,7 @@ from engine.draft_head import DraftHead, DraftHeadConfig
 from engine.ea_model import EaModel
 from engine.generate import generate_plain, generate_speculative
 from engine.target import TargetModel
-from engine.types import SamplingParams, TreeParams
+from engine.types import SamplingParams, StaticController, TreeParams
 
 # ---- draft-head checkpoints ---------------------------------------------------------------------------------------
 
@@ -324,7 +324,9 @@ def test_ea_model_refuses_a_head_of_another_width(tmp_path, ea_folders) -> None:
 )
 def test_bad_input_ids(tiny_llama, input_ids, message: str) -> None:
     for generate in (
-        lambda ids: generate_speculative(tiny_llama.target, tiny_llama.head, ids, TreeParams(4, 2, 2)),
+        lambda ids: generate_speculative(
+            tiny_llama.target, tiny_llama.head, ids, StaticController(TreeParams(4, 2, 2))
+        ),
         lambda ids: generate_plain(tiny_llama.target, ids),
     ):
         with pytest.raises(ValueError, match=message):
@@ -333,14 +335,22 @@ def test_bad_input_ids(tiny_llama, input_ids, message: str) -> None:
 
 def test_prompt_too_long_for_the_context(tiny_llama) -> None:
     with pytest.raises(ValueError, match="context limit of 5 tokens"):
-        generate_speculative(tiny_llama.target, tiny_llama.head, [1] * 8, TreeParams(4, 2, 2), max_length=5)
+        generate_speculative(
+            tiny_llama.target, tiny_llama.head, [1] * 8, StaticController(TreeParams(4, 2, 2)), max_length=5
+        )
     with pytest.raises(ValueError, match="context limit of 5 tokens"):  # equal length leaves no room either
         generate_plain(tiny_llama.target, [1] * 5, max_length=5)
     with pytest.raises(ValueError, match="context limit of 256 tokens"):  # max_position_embeddings
-        generate_speculative(tiny_llama.target, tiny_llama.head, [1] * 300, TreeParams(4, 2, 2))
+        generate_speculative(
+            tiny_llama.target, tiny_llama.head, [1] * 300, StaticController(TreeParams(4, 2, 2))
+        )
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate_speculative(
-            tiny_llama.target, tiny_llama.head, [1, 2], TreeParams(4, 2, 2), max_new_tokens=-1
+            tiny_llama.target,
+            tiny_llama.head,
+            [1, 2],
+            StaticController(TreeParams(4, 2, 2)),
+            max_new_tokens=-1,
         )
 
 
@@ -411,7 +421,9 @@ def test_mistral_without_sliding_window_is_identical_to_hf() -> None:
     head = DraftHead(DraftHeadConfig.for_target(config)).eval()
     prompt = list(range(10, 30))
     expected = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=8)
-    output = generate_speculative(target, head, prompt, TreeParams(4, 2, 2), max_new_tokens=8)
+    output = generate_speculative(
+        target, head, prompt, StaticController(TreeParams(4, 2, 2)), max_new_tokens=8
+    )
     assert output.output_ids.tolist() == expected.tolist()
 
 

@@ -10,7 +10,7 @@ from engine.draft import Drafter
 from engine.generate import DecodingState, generate_plain, generate_speculative
 from engine.target import TargetModel
 from engine.tree import ScoredCandidates, additive_mask, select_tree
-from engine.types import GenerationOutput, SamplingParams, StepStats, TreeParams
+from engine.types import GenerationOutput, SamplingParams, StaticController, StepStats, TreeParams
 
 MAX_NEW_TOKENS = 32
 TREES = [TreeParams(4, 2, 2), TreeParams(8, 3, 3), TreeParams(16, 4, 4), TreeParams(60, 5, 10)]
@@ -57,7 +57,9 @@ def test_trained_head_gets_multi_token_steps(tiny_target, prompt_factory) -> Non
     params = TreeParams(8, 3, 3)
     emitted = steps = deepest = 0
     for prompt in prompt_factory(8, 96, 4, 24, seed=99):  # held-out prompts
-        output = generate_speculative(tiny_target.target, tiny_target.head, prompt, params, max_new_tokens=40)
+        output = generate_speculative(
+            tiny_target.target, tiny_target.head, prompt, StaticController(params), max_new_tokens=40
+        )
         emitted += sum(step.num_emitted for step in output.steps)
         steps += len(output.steps)
         deepest = max([deepest, *(step.accepted_length for step in output.steps)])
@@ -78,7 +80,11 @@ def test_speculative_greedy_equals_hf_generate(tiny_target, hf_greedy, params: T
     num_accepted = 0
     for prompt, expected in hf_greedy:
         output = generate_speculative(
-            tiny_target.target, tiny_target.head, prompt, params, max_new_tokens=MAX_NEW_TOKENS
+            tiny_target.target,
+            tiny_target.head,
+            prompt,
+            StaticController(params),
+            max_new_tokens=MAX_NEW_TOKENS,
         )
         assert output.output_ids[0].tolist() == expected, f"prompt {prompt} with tree {params.compact}"
         assert output.num_prompt_tokens == len(prompt)
@@ -102,6 +108,9 @@ class CyclingController:
 
     def observe(self, stats: StepStats) -> None:
         self.observed.append(stats)
+
+    def finish(self, num_new_tokens: int, wall_seconds: float) -> None:
+        return None
 
 
 def test_output_does_not_depend_on_the_controller(tiny_target, hf_greedy) -> None:
@@ -198,7 +207,9 @@ def test_eos_inside_a_multi_token_step_stops_exactly_there(tiny_target, prompt_f
     params = TreeParams(16, 4, 4)
     num_checked = 0
     for prompt in prompt_factory(12, 96, 3, 20, seed=31):
-        free = generate_speculative(tiny_target.target, tiny_target.head, prompt, params, max_new_tokens=30)
+        free = generate_speculative(
+            tiny_target.target, tiny_target.head, prompt, StaticController(params), max_new_tokens=30
+        )
         chunks = step_chunks(free)
         seen: set[int] = set()
         eos = cut = None
@@ -211,7 +222,12 @@ def test_eos_inside_a_multi_token_step_stops_exactly_there(tiny_target, prompt_f
         if eos is None:
             continue
         output = generate_speculative(
-            tiny_target.target, tiny_target.head, prompt, params, max_new_tokens=30, eos_token_id=eos
+            tiny_target.target,
+            tiny_target.head,
+            prompt,
+            StaticController(params),
+            max_new_tokens=30,
+            eos_token_id=eos,
         )
         assert output.new_token_ids == free.new_token_ids[:cut]
         assert output.finish_reason == "eos"
@@ -232,7 +248,11 @@ def test_eos_as_first_token_and_from_model_config(tiny_llama) -> None:
     prompt = [4, 8, 15, 16, 23, 42]
     first = generate_plain(tiny_llama.target, prompt, max_new_tokens=1).new_token_ids[0]
     output = generate_speculative(
-        tiny_llama.target, tiny_llama.head, prompt, TreeParams(8, 3, 3), eos_token_id=[95, first]
+        tiny_llama.target,
+        tiny_llama.head,
+        prompt,
+        StaticController(TreeParams(8, 3, 3)),
+        eos_token_id=[95, first],
     )
     assert output.new_token_ids == [first] and output.finish_reason == "eos" and output.steps == []
 
@@ -240,7 +260,9 @@ def test_eos_as_first_token_and_from_model_config(tiny_llama) -> None:
     config_eos = free[6]
     tiny_llama.model.config.eos_token_id = config_eos
     try:
-        output = generate_speculative(tiny_llama.target, tiny_llama.head, prompt, TreeParams(8, 3, 3))
+        output = generate_speculative(
+            tiny_llama.target, tiny_llama.head, prompt, StaticController(TreeParams(8, 3, 3))
+        )
     finally:
         tiny_llama.model.config.eos_token_id = None
     assert output.new_token_ids == free[: free.index(config_eos) + 1]
@@ -254,7 +276,11 @@ def test_eos_as_first_token_and_from_model_config(tiny_llama) -> None:
 def test_max_new_tokens_is_exact(tiny_target, hf_greedy, max_new_tokens: int, params: TreeParams) -> None:
     for prompt, expected in hf_greedy[:4]:
         output = generate_speculative(
-            tiny_target.target, tiny_target.head, prompt, params, max_new_tokens=max_new_tokens
+            tiny_target.target,
+            tiny_target.head,
+            prompt,
+            StaticController(params),
+            max_new_tokens=max_new_tokens,
         )
         assert output.num_new_tokens == max_new_tokens
         assert output.output_ids[0].tolist() == expected[: len(prompt) + max_new_tokens]
@@ -274,7 +300,9 @@ def test_a_deep_chain_is_cut_to_the_tokens_left(tiny_target, hf_greedy, monkeypa
     monkeypatch.setattr(Drafter, "draft", spy)
     chosen = TreeParams(40, 39, 1)
     prompt, expected = hf_greedy[0]
-    output = generate_speculative(tiny_target.target, tiny_target.head, prompt, chosen, max_new_tokens=7)
+    output = generate_speculative(
+        tiny_target.target, tiny_target.head, prompt, StaticController(chosen), max_new_tokens=7
+    )
     assert output.output_ids[0].tolist() == expected[: len(prompt) + 7]
     check_step_records(output, chosen)
     generated = 1  # the prefill's token
@@ -289,7 +317,7 @@ def test_context_limit_from_max_length(tiny_target, hf_greedy) -> None:
             tiny_target.target,
             tiny_target.head,
             prompt,
-            TreeParams(16, 4, 4),
+            StaticController(TreeParams(16, 4, 4)),
             max_new_tokens=100,
             max_length=len(prompt) + 5,
         )
@@ -304,7 +332,11 @@ def test_context_limit_from_max_position_embeddings(tiny_llama, prompt_factory) 
     limit = tiny_llama.model.config.max_position_embeddings
     prompt = prompt_factory(1, 96, limit - 6, limit - 6, seed=5)[0]
     output = generate_speculative(
-        tiny_llama.target, tiny_llama.head, prompt, TreeParams(60, 5, 10), max_new_tokens=100
+        tiny_llama.target,
+        tiny_llama.head,
+        prompt,
+        StaticController(TreeParams(60, 5, 10)),
+        max_new_tokens=100,
     )
     assert output.output_ids.shape[1] == limit
     assert output.finish_reason == "context"
@@ -315,7 +347,7 @@ def test_context_limit_from_max_position_embeddings(tiny_llama, prompt_factory) 
 def test_max_new_tokens_zero_returns_the_prompt(tiny_llama) -> None:
     prompt = [1, 2, 3]
     output = generate_speculative(
-        tiny_llama.target, tiny_llama.head, prompt, TreeParams(4, 2, 2), max_new_tokens=0
+        tiny_llama.target, tiny_llama.head, prompt, StaticController(TreeParams(4, 2, 2)), max_new_tokens=0
     )
     assert output.output_ids.tolist() == [prompt]
     assert output.num_new_tokens == 0 and output.steps == [] and output.new_token_ids == []
@@ -331,7 +363,7 @@ def test_sampling_is_reproducible_with_a_seeded_generator(tiny_llama) -> None:
             tiny_llama.target,
             tiny_llama.head,
             [7, 7, 3],
-            TreeParams(8, 3, 3),
+            StaticController(TreeParams(8, 3, 3)),
             sampling=sampling,
             max_new_tokens=24,
             generator=torch.Generator().manual_seed(seed),

@@ -14,7 +14,7 @@ from scipy.stats import chisquare
 
 from engine.generate import generate_speculative
 from engine.target import TargetModel
-from engine.types import SamplingParams, TreeParams
+from engine.types import SamplingParams, StaticController, TreeParams
 from training.train_draft import DraftTrainConfig, collect_features, train_head
 
 VOCAB = 12
@@ -77,7 +77,13 @@ def sampled(request, small_model) -> tuple[str, np.ndarray, int]:
     num_accepting = 0
     for _ in range(NUM_RUNS):
         output = generate_speculative(
-            target, head, PROMPT, TREE, sampling=sampling, max_new_tokens=2, generator=generator
+            target,
+            head,
+            PROMPT,
+            StaticController(TREE),
+            sampling=sampling,
+            max_new_tokens=2,
+            generator=generator,
         )
         a, b = output.new_token_ids
         counts[a, b] += 1

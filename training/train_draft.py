@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from engine.draft_head import DraftHead, DraftHeadConfig
 from engine.generate import generate_speculative
 from engine.target import TargetModel
-from engine.types import TreeParams
+from engine.types import StaticController, TreeParams
 
 
 @dataclass(frozen=True)
@@ -221,7 +221,7 @@ def evaluate_head(
             target,
             head,
             prompt[-config.max_prompt_tokens :],
-            config.eval_tree,
+            StaticController(config.eval_tree),
             max_new_tokens=config.eval_max_new_tokens,
         )
         emitted += sum(s.num_emitted for s in out.steps)

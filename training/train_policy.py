@@ -6,8 +6,8 @@ training prompts for a few epochs with the controller in "train" mode: before ea
 measured tokens/s, and writes the checkpoint (policy.safetensors + policy.json), latency.json and
 learning_curve.png to `out_dir`.
 
-The engine is imported lazily (or passed as `generate_fn`), because policy/ imports only engine.types at module
-level. Evaluation against static trees is the benchmark's job, not this module's.
+`generate_fn` (the engine's `generate_speculative` unless given) runs one generation. Evaluation against static
+trees is the benchmark's job, not this module's.
 """
 
 from __future__ import annotations
@@ -22,12 +22,14 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from tqdm.auto import tqdm
 
+from engine.generate import generate_speculative
 from policy.actions import DEFAULT_ACTIONS, ActionSet
 from policy.bandit import LinearBandit
 from policy.checkpoint import save_policy
 from policy.controllers import LearnedController
 from policy.latency import LATENCY_NAME, LatencyTable, latency_signature
 from policy.observation import NUM_FEATURES, ObservationBuilder
+from training.step_timing import measure_latency_table
 
 CURVE_NAME = "learning_curve.png"
 REPORT_NAME = "train_report.json"
@@ -37,7 +39,9 @@ REPORT_NAME = "train_report.json"
 class PolicyTrainConfig:
     epochs: int = 3
     max_new_tokens: int = 128
-    exploration: float = 2.0  # Thompson scale in normalised reward units; 0.5 collapsed onto 6/5/1 early
+    exploration: float = (
+        2.0  # Thompson scale in normalised reward units; a small scale settles on one tree early
+    )
     ridge_lambda: float = 1.0
     seed: int = 0
     latency_repeats: int = 5
@@ -89,14 +93,12 @@ def train_policy(
     config: PolicyTrainConfig,
     out_dir: str,
     progress: bool = True,
-    generate_fn: Callable | None = None,
+    generate_fn: Callable = generate_speculative,
     latency_table: LatencyTable | None = None,
 ) -> PolicyTrainReport:
     """Train on `prompts` (token id lists) with the real engine; write the checkpoint and curve to `out_dir`."""
     if not prompts:
         raise ValueError("train_policy needs at least one prompt")
-    if generate_fn is None:
-        from engine.generate import generate_speculative as generate_fn
     os.makedirs(out_dir, exist_ok=True)
     started = time.perf_counter()
     actions = ActionSet.parse(config.actions)
@@ -105,7 +107,7 @@ def train_policy(
         latency_table = LatencyTable.load_or_measure(
             os.path.join(out_dir, LATENCY_NAME),
             signature,
-            lambda: LatencyTable.measure(
+            lambda: measure_latency_table(
                 target, head, _measure_prompt(prompts), list(actions), config.latency_repeats
             ),
         )
