@@ -11,10 +11,10 @@ prompts are embedded and looked up there while the batch generates, and results 
 generation whose look-up has not finished when its first step starts simply uses the actor's controller
 (`PromptController`), counted as `not_ready`.
 
-Shared look-ups go over the shared actor's look-up link (`lookup_link.py`: a direct connection, under half
-a Ray call's latency), and through a Ray call while the link is down. When the shared actor cannot be reached
-(dead, restarting, or too slow), the actor carries on with its local cache only, counts the outage, and tries
-the shared actor again after `retry_after_s`. Values are small dicts
+Shared look-ups go over the shared actor's look-up link (`lookup_link.py`: a direct TCP connection to the
+actor's process, cheaper per look-up than a Ray call), and through a Ray call while the link is down. When the
+shared actor cannot be reached (dead, restarting, or too slow), the actor carries on with its local cache only,
+counts the outage, and tries the shared actor again after `retry_after_s`. Values are small dicts
 ({"tree": "12/11/1", "actor": "3f2a9c1e", "tokens_per_s": 412.0}); no text is stored.
 """
 
@@ -39,8 +39,9 @@ MIN_STEPS_FOR_RATE = 2  # a tree used for fewer steps than this is not trusted a
 @dataclass
 class DecisionCounters:
     """Prompt-level counts. Each counter has one writer: `not_ready`, `steps_served` and `generations_served`
-    the generation thread, the rest the background thread; so no lock is needed. `cross_actor_hits` are shared hits on entries another actor published;
-    `steps_served` are engine steps whose tree came from a cached decision (no policy call)."""
+    the generation thread, the rest the background thread; so no lock is needed. `cross_actor_hits` are shared
+    hits on entries another actor published; `steps_served` are engine steps whose tree came from a cached
+    decision (no policy call)."""
 
     lookups: int = 0
     not_ready: int = 0  # generations that started before their look-up finished (they used the policy)
@@ -263,9 +264,10 @@ class PromptDecisions:
 
 class PromptController:
     """One generation's controller: the prompt's cached tree when its look-up finished before the first step,
-    otherwise the actor's own controller (a Controller or a fixed TreeParams) for the whole generation."""
+    otherwise the actor's own controller for the whole generation (a `StaticController` for a static policy).
+    The fallback sees `observe` and `finish` only for generations it decided."""
 
-    def __init__(self, lookup: Future, fallback: Controller | TreeParams, decisions: PromptDecisions) -> None:
+    def __init__(self, lookup: Future, fallback: Controller, decisions: PromptDecisions) -> None:
         self.lookup = lookup
         self.fallback = fallback
         self.decisions = decisions
@@ -279,15 +281,12 @@ class PromptController:
                 self.decisions.count_not_ready()
         if self.cached is not None:
             return self.cached
-        if isinstance(self.fallback, TreeParams):
-            return self.fallback
         return self.fallback.decide(state)
 
     def observe(self, stats: StepStats) -> None:
-        if self.cached is None and not isinstance(self.fallback, TreeParams):
+        if self.cached is None:
             self.fallback.observe(stats)
 
     def finish(self, num_new_tokens: int, wall_seconds: float) -> None:
-        hook = getattr(self.fallback, "finish", None)
-        if self.cached is None and hook is not None:
-            hook(num_new_tokens, wall_seconds)
+        if self.cached is None:
+            self.fallback.finish(num_new_tokens, wall_seconds)

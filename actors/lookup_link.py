@@ -1,11 +1,10 @@
 """A direct TCP link to the context cache actor's look-ups, beside its Ray methods.
 
-Why: on the 2-vCPU VM this was built on, a Ray actor call alone cost p50 0.90 ms and p99 2.02 ms (a no-op
-method on a plain threaded actor, `python -m jobs.bench_cache`), so a single look-up through a Ray method could
-not reach a p99 of 2 ms there, whatever the index did. In the same run a single look-up at 100k entries took p50
-0.83 ms, p99 1.51 ms over this link, and p50 1.98 ms, p99 3.92 ms through a Ray call. The actor serves the link
-on its own event loop (`ContextCacheActor.lookup_link`), so link look-ups run on the same thread as every other
-index call and see the same entries. Inserts, stats and snapshots stay on Ray; the link only answers look-ups.
+Why: a Ray actor call has a fixed cost (task submission, scheduling, serialisation) larger than a look-up in
+the index itself, so a look-up through a Ray method can be no faster than Ray's own round trip; a plain socket
+to the actor's process removes that floor (`python -m jobs.bench_cache` measures both paths). The actor serves
+the link on its own event loop (`ContextCacheActor.lookup_link`), so link look-ups run on the same thread as
+every other index call and see the same entries. Inserts, stats and snapshots stay on Ray; the link only answers look-ups.
 
 Wire format (little endian). The client first sends the 32-byte token it got from the actor through Ray. Then
 each request is a header (uint32 num_rows, uint32 keys_bytes), num_rows x dim float32, and keys_bytes of JSON (a

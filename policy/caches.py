@@ -1,13 +1,15 @@
 """Local caches of the policy's inference path, with counters that count only what really happened.
 
-- `LRUCache`: a bounded least-recently-used map with an optional time-to-live, the building block of the others.
+- `LRUCache`: a bounded least-recently-used map (`lru.LRUDict`) with an optional time-to-live and counters, the
+  building block of the others.
 - `DecodeCache`: incremental detokenisation of a growing token stream (reuses the text of a cached prefix).
-- `StateCache`: values computed from a token window (e.g. an embedding), keyed by the window's content.
+- `content_key`: the content hash of a token sequence; the optimizer's state cache is an `LRUCache` from it to
+  the context's embedding.
 - `DecisionCache`: TreeParams keyed by a bucketed observation.
 
 The ground rule: a look-up counts as a hit only when a stored value is actually returned and used. Nothing here
-estimates a hit rate. This module holds no fuzzy (embedding) look-up (see `fuzzy_cache.py`), and it does not decide
-when to consult a cache (see the controllers).
+estimates a hit rate. This module holds no fuzzy (embedding) look-up (`context_index.ContextIndex` is that cache),
+and it does not decide when to consult a cache (see `optimizer.py`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import bisect
 import hashlib
 import math
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Generic, TypeVar
@@ -24,6 +25,7 @@ from typing import Generic, TypeVar
 import numpy as np
 
 from engine.types import TreeParams
+from policy.lru import LRUDict
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -82,9 +84,7 @@ class LRUCache(Generic[K, V]):
         self.ttl_s = ttl_s
         self.enabled = enabled
         self._clock = clock
-        self._entries: OrderedDict[K, tuple[V, float]] = (
-            OrderedDict()
-        )  # key -> (value, written_at); LRU first
+        self._entries: LRUDict[K, tuple[V, float]] = LRUDict(max_size)  # key -> (value, written_at)
         self._counters = CacheCounters()
 
     def get(self, key: K) -> V | None:
@@ -97,10 +97,10 @@ class LRUCache(Generic[K, V]):
             return None
         value, written_at = entry
         if self.ttl_s is not None and self._clock() - written_at > self.ttl_s:
-            del self._entries[key]
+            self._entries.pop(key)
             self._counters.evictions += 1
             return None
-        self._entries.move_to_end(key)
+        self._entries.touch(key)
         self._counters.hits += 1
         return value
 
@@ -110,12 +110,8 @@ class LRUCache(Generic[K, V]):
             raise ValueError("LRUCache cannot store None: None means a miss")
         if not self.enabled:
             return
-        self._entries[key] = (value, self._clock())
-        self._entries.move_to_end(key)
         self._counters.inserts += 1
-        while len(self._entries) > self.max_size:
-            self._entries.popitem(last=False)
-            self._counters.evictions += 1
+        self._counters.evictions += len(self._entries.set(key, (value, self._clock())))
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -220,7 +216,7 @@ class DecodeCache:
         self.max_tail_tokens = max_tail_tokens
         self.enabled = enabled
         self._prefixes: LRUCache[bytes, _DecodedPrefix] = LRUCache(max_size)
-        self._streams: OrderedDict[Hashable, _StreamState] = OrderedDict()  # least recently used first
+        self._streams: LRUDict[Hashable, _StreamState] = LRUDict(max_size)
         self._lookups = 0
         self._hits = 0
 
@@ -250,10 +246,7 @@ class DecodeCache:
         if num_tokens - anchor > self.max_tail_tokens or head_length == 0:
             anchor, head_length = self._advance_anchor(ids, text, anchor, head_length)
         self._prefixes.put(hasher.digest(), _DecodedPrefix(num_tokens, text, anchor, head_length))
-        self._streams[stream] = _StreamState(list(ids), hasher)
-        self._streams.move_to_end(stream)
-        while len(self._streams) > self._prefixes.max_size:
-            self._streams.popitem(last=False)
+        self._streams.set(stream, _StreamState(list(ids), hasher))
         return text
 
     def _find_prefix(self, ids: list[int], stream: Hashable) -> tuple[_DecodedPrefix | None, hashlib.blake2b]:
@@ -307,58 +300,8 @@ class DecodeCache:
         self._streams.clear()
 
 
-class _LRUBacked:
-    """Shared plumbing of the caches that wrap one LRUCache in `self._cache`."""
-
-    _cache: LRUCache
-
-    @property
-    def enabled(self) -> bool:
-        return self._cache.enabled
-
-    @enabled.setter
-    def enabled(self, value: bool) -> None:
-        self._cache.enabled = value
-
-    @property
-    def counters(self) -> CacheCounters:
-        return self._cache.counters
-
-    def __len__(self) -> int:
-        return len(self._cache)
-
-    def clear(self) -> None:
-        self._cache.clear()
-
-
-class StateCache(_LRUBacked, Generic[V]):
-    """Values computed from a token window (e.g. its sentence embedding), keyed by the window's content.
-
-    `get_or_compute` counts a hit only when it returns the stored value without calling `compute`.
-    """
-
-    def __init__(
-        self,
-        max_size: int = 1024,
-        ttl_s: float | None = None,
-        enabled: bool = True,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._cache: LRUCache[bytes, V] = LRUCache(max_size, ttl_s=ttl_s, enabled=enabled, clock=clock)
-
-    def get_or_compute(self, token_ids: Sequence[int], compute: Callable[[Sequence[int]], V]) -> V:
-        """The stored value for this window, or `compute(token_ids)` (stored, unless the cache is disabled).
-        `compute` must not return None (LRUCache raises ValueError)."""
-        key = content_key(token_ids)
-        value = self._cache.get(key)
-        if value is None:
-            value = compute(token_ids)
-            self._cache.put(key, value)
-        return value
-
-
-class DecisionCache(_LRUBacked):
-    """TreeParams keyed by an observation bucket: similar observations reuse one decision.
+class DecisionCache(LRUCache[tuple[int, ...], TreeParams]):
+    """An LRUCache of TreeParams keyed by an observation bucket: similar observations reuse one decision.
 
     Buckets come from `bucket(features, edges)` with fixed, per-feature edges, chosen once (e.g. from quantiles of
     a calibration run) and never moved while the cache lives; otherwise one key would mean different observations.
@@ -371,9 +314,7 @@ class DecisionCache(_LRUBacked):
         enabled: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._cache: LRUCache[tuple[int, ...], TreeParams] = LRUCache(
-            max_size, ttl_s=ttl_s, enabled=enabled, clock=clock
-        )
+        super().__init__(max_size, ttl_s=ttl_s, enabled=enabled, clock=clock)
 
     @staticmethod
     def bucket(features: np.ndarray, edges: Sequence[Sequence[float]]) -> tuple[int, ...]:
@@ -381,8 +322,8 @@ class DecisionCache(_LRUBacked):
 
         features: [num_features]; edges: num_features increasing sequences (they may differ in length).
         Example: features [0.5, 3.0], edges [[0.25, 0.75], [1, 2, 4]] -> (1, 2).
-        It runs on every decision, so it works on Python floats with bisect: ~5 us for 15 features, where
-        np.digitize per feature took ~150 us.
+        It runs on every decision, so it works on Python floats with bisect, avoiding the per-call overhead of
+        one np.digitize per feature.
         """
         values = features.tolist() if isinstance(features, np.ndarray) else list(features)
         if len(values) != len(edges) or any(isinstance(value, list) for value in values):
@@ -396,10 +337,7 @@ class DecisionCache(_LRUBacked):
             for value, feature_edges in zip(values, edges, strict=True)
         )
 
-    def get(self, bucket: tuple[int, ...]) -> TreeParams | None:
-        return self._cache.get(bucket)
-
     def put(self, bucket: tuple[int, ...], params: TreeParams) -> None:
         if not isinstance(params, TreeParams):
             raise ValueError(f"DecisionCache stores TreeParams, got {type(params).__name__}")
-        self._cache.put(bucket, params)
+        super().put(bucket, params)

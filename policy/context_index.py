@@ -1,4 +1,7 @@
-"""The store behind the cluster-wide context cache: context embeddings -> small decision dicts.
+"""The one FAISS similarity index of the project: context embeddings -> small decision dicts.
+
+It is the store behind the cluster-wide context cache (`actors/context_cache.py`) and, configured small, the
+in-process context-aware fuzzy cache of `optimizer.RLInferenceOptimizer` (values {"tree": "8/4/2"}).
 
 `ContextIndex` maps a context (its 384-d all-MiniLM-L6-v2 embedding, and optionally a content-hash key) to a
 small JSON-able dict such as {"tree": "12/11/1", "actor": "a1b2", "tokens_per_s": 412.0}. It stores decisions,
@@ -24,19 +27,13 @@ since the last write. A value larger than `max_value_bytes` (as JSON) is refused
 
 Not here: snapshot files (`context_snapshot.py`), computing embeddings (`embedding.py`), Ray
 (`actors/context_cache.py`), thread safety (one owner thread; only `IndexRebuild.build` and `catch_up` may run
-elsewhere), and FAISS thread counts (left alone: FAISS and torch share one OpenMP runtime).
+elsewhere), and FAISS thread counts (left alone: FAISS and torch share one OpenMP runtime, so setting them here
+would change the generation thread's torch thread count too; where latency matters run FAISS on one thread, as
+Ray does for the actor with OMP_NUM_THREADS=1).
 
-Measured on this machine (a 2-vCPU VM shared with other work; 384-d clustered unit vectors; one query at a
-time; FAISS with one OpenMP thread, as in the cache actor; `python -m jobs.bench_cache`):
-- Flat (FAISS): 0.28 ms per query at 10k entries, 2.2 ms at 30k, 8.7 ms at 100k (memory-bound); up to 8k
-  entries numpy answers single queries instead (see NUMPY_SEARCH_MAX_ENTRIES). Batches of >= 20
-  queries go through BLAS: ~0.2 ms per query at 30k instead of ~1 ms. So the default flat_max_entries is 10k
-  (DESIGN said ~30k, where a look-up costs ~2 ms): Flat stays below HNSW's latency.
-- HNSW (M=32, efSearch 64) at 100k: `lookup` p50 0.45 ms, p99 0.86 ms. efSearch 32 halves the search time
-  but found 98% of the near-duplicate hits instead of 99.7%. Building it over 100k vectors took 12 s on two
-  threads of the idle machine, 31 s on one thread at load ~3.7; a snapshot of 100k entries takes ~1 s.
-- With two OpenMP threads on the busy 2-core machine a single Flat query took 24-51 ms instead: where latency
-  matters keep FAISS on one thread (Ray gives the actor OMP_NUM_THREADS=1).
+Why these defaults: exact Flat search costs O(entries) per query, so past `flat_max_entries` (10k) an HNSW graph
+answers faster; small Flat indexes are searched with one numpy product instead of FAISS (see
+NUMPY_SEARCH_MAX_ENTRIES), and batches of queries through BLAS. `python -m jobs.bench_cache` measures both kinds.
 """
 
 from __future__ import annotations
@@ -46,7 +43,6 @@ import json
 import math
 import os
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -63,27 +59,45 @@ from policy.context_snapshot import (
     read_snapshot,
     write_snapshot,
 )
-from policy.fuzzy_cache import SIMILARITY_TOLERANCE, normalise_embeddings
+from policy.lru import LRUDict
 
 INDEX_KINDS = ("flat", "hnsw")
+# float32 inner products of unit vectors are off by a few ulp (an exact duplicate can score 0.99999994), so
+# thresholds are compared with this much slack.
+SIMILARITY_TOLERANCE = 1e-6
 # With deleted ids in the index, a search asks for this many neighbours and keeps the nearest live one; rows
 # whose candidates are all deleted are searched again with 8x as many (rare below the rebuild fraction).
 NUM_CANDIDATES_WITH_DELETIONS = 16
-# Flat searches of at least this many queries use BLAS (a matrix product): measured at 30k entries, 64 queries
-# take 13.6 ms instead of 61 ms. Single queries are unaffected (BLAS is slower for them).
+# Flat searches of at least this many queries use BLAS (a matrix product), which is several times faster for a
+# batch; single queries are faster without it.
 BLAS_MIN_QUERIES = 20
 # Fewer queries than that against at most this many Flat entries are scored with one numpy matrix product over
-# the live vectors instead (the same exact cosines, and no deleted ids to skip). FAISS runs even one query in
-# an OpenMP team of the process's thread count: with 2 threads on the busy 2-core machine a single Flat query
-# took 5-8 ms at 1k entries and 23 ms at 10k, where numpy took 0.02-0.2 ms up to 8k (any thread count).
+# the live vectors instead (the same exact cosines, and no deleted ids to skip): FAISS runs even one query in an
+# OpenMP team of the process's thread count, which on a busy machine costs more than the product itself.
 NUMPY_SEARCH_MAX_ENTRIES = 8192
-# The memory estimate's constants (see `ContextIndex.memory_estimate_bytes`). Measured here by process RSS over
-# 20k entries at 384-d: 6.4 KB an entry with small values (flat and HNSW alike; 10.8 KB at 5k, where the vector
-# store's growth headroom weighs more), and ~1 KB more per extra 2 KB of value JSON. The estimate charges 4 vectors
-# (store, headroom, FAISS, a rebuild's copy) + HNSW links + 1.5 KB an entry (7.9 KB at 384-d, M=32) and twice the
-# value's JSON size.
+# The memory estimate's constants (see `ContextIndex.memory_estimate_bytes`), calibrated against process RSS:
+# the estimate charges 4 vectors (store, headroom, FAISS, a rebuild's copy) + HNSW links + ENTRY_OVERHEAD_BYTES
+# of Python bookkeeping an entry, and VALUE_MEMORY_FACTOR times the value's JSON size, so it stays an upper bound.
 ENTRY_OVERHEAD_BYTES = 1536
 VALUE_MEMORY_FACTOR = 2
+
+
+def normalise_embeddings(embeddings: np.ndarray, dim: int) -> np.ndarray:
+    """Rows scaled to unit length, as a C-contiguous float32 [n, dim] array (FAISS's input format), so that inner
+    product is cosine.
+
+    Accepts [dim] (one row) or [n, dim]. Raises ValueError for another shape, NaN or inf, or a zero row.
+    """
+    matrix = np.array(embeddings, dtype=np.float32, ndmin=2)
+    if matrix.ndim != 2 or matrix.shape[1] != dim:
+        raise ValueError(f"embeddings must have shape [n, {dim}], got {np.shape(embeddings)}")
+    if not np.all(np.isfinite(matrix)):
+        raise ValueError("embeddings must be finite (got NaN or inf)")
+    wide = matrix.astype(np.float64)  # float64 so that huge or tiny components neither overflow nor vanish
+    norms = np.linalg.norm(wide, axis=1, keepdims=True)  # [n, 1]
+    if np.any(norms == 0):
+        raise ValueError("embeddings must be non-zero vectors: a zero vector has no direction")
+    return np.ascontiguousarray(wide / norms, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -272,8 +286,8 @@ class ContextIndex:
         )
         self.auto_rebuild = auto_rebuild
         self._clock = clock
-        self._entries: OrderedDict[int, _Entry] = OrderedDict()  # id -> entry, least recently used first
-        self._write_order: OrderedDict[int, None] = OrderedDict()  # ids, least recently written first
+        self._entries: LRUDict[int, _Entry] = LRUDict()  # id -> entry, least recently hit or written first
+        self._write_order: LRUDict[int, None] = LRUDict()  # ids, least recently written first (for the TTL)
         self._id_of_key: dict[str, int] = {}
         self._store = _VectorStore(dim, max_rows_hint=max_entries)
         self._kind = "flat"
@@ -310,7 +324,7 @@ class ContextIndex:
                 continue
             similarity = float(queries[row] @ self._store.vector(entry_id))
             results[row] = ContextHit(self._entries[entry_id].value, similarity, is_exact=True)
-            self._entries.move_to_end(entry_id)
+            self._entries.touch(entry_id)
             self._counters.exact_hits += 1
         if fuzzy_rows:
             fuzzy_queries = queries if len(fuzzy_rows) == len(queries) else queries[fuzzy_rows]
@@ -321,7 +335,7 @@ class ContextIndex:
             ):
                 if entry_id >= 0 and similarity >= threshold:
                     results[row] = ContextHit(self._entries[entry_id].value, similarity, is_exact=False)
-                    self._entries.move_to_end(entry_id)
+                    self._entries.touch(entry_id)
                     self._counters.fuzzy_hits += 1
         num_hits = sum(result is not None for result in results)
         self._counters.lookups += len(queries)
@@ -377,9 +391,9 @@ class ContextIndex:
                 entry_id = self._next_id
                 self._next_id += 1
                 value, num_bytes = stored_values[row]
-                self._entries[entry_id] = _Entry(value, key, now, num_bytes)
+                self._entries.set(entry_id, _Entry(value, key, now, num_bytes))
                 self._value_bytes += num_bytes
-                self._write_order[entry_id] = None
+                self._write_order.set(entry_id, None)
                 if key is not None:
                     self._id_of_key[key] = entry_id
                 new_rows.append(row)
@@ -402,13 +416,13 @@ class ContextIndex:
             len(self._entries) > self.config.max_entries
             or (limit is not None and self.memory_estimate_bytes() > limit)
         ):
-            self._remove(next(iter(self._entries)))
+            self._remove(self._entries.oldest())
             self._counters.evictions += 1
 
     def memory_estimate_bytes(self) -> int:
         """An upper estimate of the memory the entries hold: per entry its vector four times (the store and its
         growth headroom, the FAISS index, a rebuild's copy), HNSW links, Python bookkeeping, and its value at VALUE_MEMORY_FACTOR
-        times its JSON size (see ENTRY_OVERHEAD_BYTES for how these were measured)."""
+        times its JSON size (see ENTRY_OVERHEAD_BYTES)."""
         dim = self.config.dim
         per_entry = 4 * 4 * dim + 2 * 4 * self.config.hnsw_m + ENTRY_OVERHEAD_BYTES
         return len(self._entries) * per_entry + VALUE_MEMORY_FACTOR * self._value_bytes
@@ -423,15 +437,15 @@ class ContextIndex:
                 del self._id_of_key[entry.key]
             entry.key = key
             self._id_of_key[key] = entry_id
-        self._entries.move_to_end(entry_id)
-        self._write_order.move_to_end(entry_id)
+        self._entries.touch(entry_id)
+        self._write_order.touch(entry_id)
         self._counters.updates += 1
 
     def _remove(self, entry_id: int) -> None:
         """Drop an entry; its vector stays in the FAISS index, marked deleted, until the next rebuild."""
         entry = self._entries.pop(entry_id)
         self._value_bytes -= entry.num_bytes
-        del self._write_order[entry_id]
+        self._write_order.pop(entry_id)
         if entry.key is not None and self._id_of_key.get(entry.key) == entry_id:
             del self._id_of_key[entry.key]
         self._store.remove(entry_id)
@@ -445,7 +459,7 @@ class ContextIndex:
             return
         deadline = self._clock() - self.config.ttl_s
         while self._write_order:
-            entry_id = next(iter(self._write_order))
+            entry_id = self._write_order.oldest()
             if self._entries[entry_id].written_at >= deadline:
                 break
             self._remove(entry_id)
@@ -673,12 +687,12 @@ class ContextIndex:
             state.ids.tolist(), state.keys, state.values, state.write_ages_s, strict=True
         ):
             stored_value, num_bytes = _json_copy(value, self.config.max_value_bytes)
-            self._entries[entry_id] = _Entry(stored_value, key, now - age_s - downtime_s, num_bytes)
+            self._entries.set(entry_id, _Entry(stored_value, key, now - age_s - downtime_s, num_bytes))
             self._value_bytes += num_bytes
             if key is not None:
                 self._id_of_key[key] = entry_id
         for entry_id in sorted(self._entries, key=lambda entry_id: self._entries[entry_id].written_at):
-            self._write_order[entry_id] = None
+            self._write_order.set(entry_id, None)
         self._store.add(state.ids, state.vectors)
         self._next_id = max(state.next_id, int(state.ids.max()) + 1 if len(state.ids) else 0)
         kind = "hnsw" if len(state.ids) > self.config.flat_max_entries else "flat"

@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-# Exact search up to this many entries, HNSW beyond. Measured here with one thread: Flat 0.28 ms at 10k entries
-# but 2.2 ms at 30k, HNSW (M=32, efSearch 64) 0.42 ms at 100k; so the switch comes at 10k, not DESIGN's ~30k.
+# Exact search up to this many entries, HNSW beyond: Flat costs O(entries) per query and falls behind HNSW
+# (M=32, efSearch 64) past about this size (`python -m jobs.bench_cache` measures both).
 FLAT_MAX_ENTRIES = 10_000
 SNAPSHOT_FORMAT_VERSION = 1
 SNAPSHOT_PREFIX = "snapshot-"

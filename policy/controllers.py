@@ -1,6 +1,6 @@
-"""Tree-shape controllers behind the engine's `decide(state) -> TreeParams` / `observe(stats)` interface.
+"""Tree-shape controllers behind the engine's `Controller` protocol (`decide`, `observe`, `finish`).
 
-- `StaticController`: one TreeParams for every step (the baseline, and the best static tree of a grid search).
+- `engine.types.StaticController` (not here): one TreeParams for every step, the baseline and the fallback.
 - `HeuristicController`: moving average of the accepted length with hysteresis; a baseline and test double.
 - `LearnedController`: a linear contextual bandit (`bandit.py`) over an ActionSet, fed by `ObservationBuilder`
   features and rewarded with tokens per modelled second of step time (`latency.py`).
@@ -24,21 +24,6 @@ from policy.observation import ObservationBuilder
 
 MODES = ("inference", "train", "adaptive")
 REWARD_KINDS = ("rate", "advantage")
-
-
-class StaticController:
-    """The same TreeParams on every step."""
-
-    def __init__(self, params: TreeParams) -> None:
-        if not isinstance(params, TreeParams):
-            raise ValueError(f"StaticController needs a TreeParams, got {params!r}")
-        self.params = params
-
-    def decide(self, state: DecodingState) -> TreeParams:
-        return self.params
-
-    def observe(self, stats: StepStats) -> None:
-        return None
 
 
 def _default_cost(params: TreeParams) -> float:
@@ -108,6 +93,9 @@ class HeuristicController:
         if self.outside_steps >= self.patience:
             self.current = self._cheapest_with_levels(math.ceil(needed - 1e-9))
             self.outside_steps = 0
+
+    def finish(self, num_new_tokens: int, wall_seconds: float) -> None:
+        return None  # keeps no wall-time statistics
 
 
 @dataclass(frozen=True)
@@ -215,3 +203,6 @@ class LearnedController:
                 features, action, reward, stats.draft_seconds + stats.verify_seconds, stats.num_emitted
             )
         )
+
+    def finish(self, num_new_tokens: int, wall_seconds: float) -> None:
+        return None  # learns per step, from modelled step times; a generation's wall time adds nothing

@@ -6,7 +6,8 @@ Per step, `decide` does the cheapest thing that yields a decision, in this order
     0. decision interval: between decisions, keep the current TreeParams (no look-up, counted as a reused step);
     1. decision cache: observation bucket -> TreeParams;
     2. state cache: content hash of the context -> its embedding, computed earlier in the background;
-       a known embedding is looked up in the fuzzy cache (cosine >= threshold -> reuse that context's decision);
+       a known embedding is looked up in the context-aware fuzzy cache, a small `ContextIndex` (cosine >=
+       threshold -> reuse that context's decision);
     3. decode cache: every `decode_frequency` steps, the context is detokenised incrementally and handed to the
        background embedder (the generation thread never waits for it);
     4. the full policy (cheap features -> bandit), whose decision then fills the caches.
@@ -14,9 +15,11 @@ Per step, `decide` does the cheapest thing that yields a decision, in this order
 Anything that fails (policy, embedding, a cache) falls back to static TreeParams for that step and is counted.
 The engine's output never depends on any of this: a cached or wrong decision can only cost speed.
 
-The constructor names and defaults are the prototype's (`RLInferenceOptimizer(cache_size=300, decode_frequency=8,
-enable_parameter_caching=True, adaptive_frequency=True)`, `AdaptiveParameterPredictor(history_size=100)`,
-`ContextAwareCache(max_size=150, similarity_threshold=0.85)`, `SmartFrequencyAdjuster()`).
+The constructor names and defaults are those of the prototype's optimisation suite, so its callers' code runs
+unchanged: `RLInferenceOptimizer(cache_size=300, decode_frequency=8, enable_parameter_caching=True,
+adaptive_frequency=True)`, `AdaptiveParameterPredictor(history_size=100)`, `ContextAwareCache(max_size=150,
+similarity_threshold=0.85)`, `SmartFrequencyAdjuster()`; the predictor's modes are "train", "inference" and
+"adaptive" (see `LearnedController`).
 """
 
 from __future__ import annotations
@@ -31,25 +34,33 @@ from engine.types import DecodingState, StepStats, TreeParams
 from policy.actions import ActionSet
 from policy.caches import DecisionCache, DecodeCache, LRUCache, content_key
 from policy.checkpoint import load_policy
+from policy.context_index import ContextIndex
 from policy.controllers import LearnedController
 from policy.embedding import EMBEDDING_DIM, BackgroundEmbedder, load_minilm_encoder
 from policy.frequency import SmartFrequencyAdjuster
-from policy.fuzzy_cache import FuzzyCache
 from policy.latency import LATENCY_NAME, LatencyTable
 from policy.observation import FEATURE_NAMES, ObservationBuilder
 from policy.stats import OptimizationStats, format_stats
 
 FALLBACK_TREE = TreeParams(8, 4, 2)
 EMBEDDING_CONTEXT_CHARS = 512  # the tail of the context that is embedded
+DUPLICATE_SIMILARITY = 0.999  # contexts this close share one fuzzy-cache entry
 
 
-class ContextAwareCache(FuzzyCache):
-    """The fuzzy cache under the prototype's name: context embedding -> decision."""
-
-    def __init__(
-        self, max_size: int = 150, similarity_threshold: float = 0.85, dim: int = EMBEDDING_DIM
-    ) -> None:
-        super().__init__(dim=dim, max_size=max_size, similarity_threshold=similarity_threshold)
+def ContextAwareCache(
+    max_size: int = 150, similarity_threshold: float = 0.85, dim: int = EMBEDDING_DIM
+) -> ContextIndex:
+    """The context-aware fuzzy cache: a `ContextIndex` of at most `max_size` context embeddings, each mapped to
+    the decision taken there as {"tree": TreeParams.compact}. No keys (the state cache already matches exact
+    contents) and no expiry; LRU eviction, near-duplicate updates and Flat search as in any ContextIndex (an
+    insert overwrites an entry at cosine >= 0.999, or >= the threshold when that is higher).
+    Named like a class because it keeps the prototype's constructor call working."""
+    return ContextIndex(
+        dim=dim,
+        max_entries=max_size,
+        similarity_threshold=similarity_threshold,
+        duplicate_similarity=max(DUPLICATE_SIMILARITY, similarity_threshold),
+    )
 
 
 class AdaptiveParameterPredictor:
@@ -112,11 +123,12 @@ def default_bucket_edges() -> list[np.ndarray]:
 
 
 class RLInferenceOptimizer:
-    """A Controller (decide/observe) for `generate_speculative` / `EaModel.eagenerate(..., rl_policy=...)`.
+    """A Controller (decide/observe/finish) for `generate_speculative` / `EaModel.eagenerate(..., rl_policy=...)`.
 
     decode: token ids -> text (e.g. `tokenizer.decode`); needed only when the embedding path is on.
-    use_embedding: turn on the context embedding + fuzzy cache path (off by default: on this project's benches
-        it changed no decision, see the stats' suggestions).
+    use_embedding: turn on the context embedding + fuzzy cache path. Off by default: it costs a decode and an
+        embedding every decode_frequency steps and pays only when a fuzzy hit changes a decision, which the
+        stats count (`fuzzy_changed_decisions`) and the suggestions report.
     """
 
     def __init__(
@@ -126,7 +138,7 @@ class RLInferenceOptimizer:
         decode_frequency: int = 8,
         enable_parameter_caching: bool = True,
         adaptive_frequency: bool = True,
-        context_cache: ContextAwareCache | None = None,
+        context_cache: ContextIndex | None = None,
         frequency_adjuster: SmartFrequencyAdjuster | None = None,
         decode: Callable[[list[int]], str] | None = None,
         use_embedding: bool = False,
@@ -241,8 +253,9 @@ class RLInferenceOptimizer:
                 return cached
         embedding = self._context_embedding(state) if self.use_embedding else None
         if embedding is not None:
-            value, _ = self.context_cache.lookup(embedding)
-            if value is not None:
+            hit = self.context_cache.lookup(embedding)
+            if hit is not None:
+                value = TreeParams.parse(hit.value["tree"])
                 if value != self.current:
                     self.stats.fuzzy_changed_decisions += 1
                 return value
@@ -253,7 +266,7 @@ class RLInferenceOptimizer:
         if bucket is not None:
             self.decision_cache.put(bucket, decision)
         if embedding is not None:
-            self.context_cache.insert(embedding, decision)
+            self.context_cache.insert(embedding, {"tree": decision.compact})
         return decision
 
     def _context_embedding(self, state: DecodingState) -> np.ndarray | None:
@@ -330,3 +343,6 @@ class PrototypeStyleController:
         started = time.perf_counter()
         self.predictor.observe(stats)
         self.decision_seconds += time.perf_counter() - started
+
+    def finish(self, num_new_tokens: int, wall_seconds: float) -> None:
+        return None

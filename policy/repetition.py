@@ -2,8 +2,8 @@
 
 Long draft acceptance on the demo models comes mostly from text that repeats itself (a loop in greedy output, a
 list, boilerplate, code that restates a signature). The draft head's own probabilities hardly show it, but the
-context does: measured on 60 held-out prompts with 40/39/1 chains, steps whose context ended in a 12-token or
-longer repeat accepted 19.5 tokens on average, other steps 2 to 12. So the observation carries the repeat length.
+context does: steps whose context ends in a long repeat accept far longer drafted chains than other steps. So the
+observation carries the repeat length.
 
 `SuffixMatcher` keeps an index of the sequence's n-grams (n-gram -> the latest few positions where one ended) and
 extends it with the tokens appended since the previous call, so each step costs a dictionary insert per new token

@@ -158,7 +158,7 @@ def suggestions(stats: OptimizationStats, min_evidence: int = 50) -> list[str]:
 
 
 def format_stats(stats: OptimizationStats) -> str:
-    """The printable block: a truthful version of the prototype's "RL Inference Optimization Stats"."""
+    """The printable "RL Inference Optimization Stats" block, every figure a count or a measured time."""
     data = stats.to_dict()
     lines = [
         "RL Inference Optimization Stats (measured)",

@@ -409,3 +409,23 @@ def test_the_memory_bound_evicts_least_recently_used_entries_and_big_values_are_
     assert len(index) < 10
     with pytest.raises(ValueError, match="above max_value_bytes=64"):
         ContextIndex(dim=16, max_value_bytes=64).insert(vectors[0], {"note": "x" * 100})
+
+
+def test_an_exact_duplicate_hits_at_threshold_one() -> None:
+    # float32 inner products of unit vectors are a few ulp off: the threshold is compared with a tolerance.
+    index = ContextIndex(dim=384, similarity_threshold=1.0, duplicate_similarity=1.0)
+    vector = np.random.default_rng(0).standard_normal(384).astype(np.float32)
+    index.insert(vector * 3.0, {"tree": "8/3/4"})  # scaled on purpose: stored normalised
+    hit = index.lookup(vector)
+    assert hit is not None and hit.value == {"tree": "8/3/4"} and not hit.is_exact
+
+
+def test_the_index_leaves_the_process_thread_count_alone() -> None:
+    # faiss and torch share one OpenMP runtime: an index must not silently drop generation to one thread.
+    import torch
+
+    before = torch.get_num_threads()
+    index = ContextIndex(dim=8, max_entries=4, flat_max_entries=2)
+    index.insert_batch(random_units(3, dim=8), [{"i": i} for i in range(3)])  # past flat_max_entries: HNSW
+    index.lookup(np.ones(8, dtype=np.float32))
+    assert index.index_kind == "hnsw" and torch.get_num_threads() == before

@@ -1,5 +1,6 @@
-"""Policy caches and the adaptive decision interval: exact counters on scripted sequences, eviction order, expiry,
-incremental detokenisation that always equals a full decode, and fuzzy look-up thresholds. CPU only, no Ray."""
+"""Policy caches and the adaptive decision interval: the LRU helper, exact counters on scripted sequences, eviction
+order, expiry, and incremental detokenisation that always equals a full decode. CPU only, no Ray. The fuzzy cache
+is a ContextIndex: see test_context_index.py."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from hypothesis import strategies as st
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from engine.types import TreeParams
-from policy.caches import CacheCounters, DecisionCache, DecodeCache, LRUCache, StateCache, content_key
+from policy.caches import CacheCounters, DecisionCache, DecodeCache, LRUCache, content_key
 from policy.frequency import SmartFrequencyAdjuster
-from policy.fuzzy_cache import FuzzyCache
+from policy.lru import LRUDict
 
 
 class FakeClock:
@@ -56,6 +57,35 @@ def test_counters_property_is_a_snapshot():
     snapshot = cache.counters
     snapshot.hits = 99
     assert cache.counters.hits == 0
+
+
+# ---------------------------------------------------------------------------------------------------- LRU helper
+
+
+def test_lru_dict_orders_by_use_and_bounds_by_size():
+    lru: LRUDict[str, int] = LRUDict(max_size=2)
+    assert lru.set("a", 1) == [] and lru.set("b", 2) == []
+    assert lru.get("a") == 1 and list(lru) == ["a", "b"]  # reading is not a use
+    lru.touch("a")
+    assert list(lru) == ["b", "a"] and lru.oldest() == "b"
+    assert lru.set("c", 3) == [("b", 2)]  # the least recently used entry is dropped and returned
+    assert lru.set("a", 10) == [] and list(lru.items()) == [("c", 3), ("a", 10)]  # a write is a use
+    assert lru.pop("c") == 3 and len(lru) == 1 and "c" not in lru
+    assert lru.pop_oldest() == ("a", 10)
+    with pytest.raises(KeyError):
+        lru.oldest()
+    with pytest.raises(KeyError):
+        lru.touch("missing")
+
+
+def test_unbounded_lru_dict_leaves_eviction_to_its_owner():
+    lru: LRUDict[int, None] = LRUDict()
+    for key in range(1000):
+        assert lru.set(key, None) == []
+    assert len(lru) == 1000 and lru.oldest() == 0
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_size"):
+            LRUDict(max_size=bad)
 
 
 # ---------------------------------------------------------------------------------------------------- LRU cache
@@ -112,11 +142,6 @@ def test_disabled_cache_counts_and_stores_nothing():
     assert cache.get("a") is None
     assert len(cache) == 0
     assert cache.counters == CacheCounters()
-    state: StateCache[int] = StateCache(enabled=False)
-    calls = []
-    for _ in range(3):
-        assert state.get_or_compute([1, 2], lambda ids: calls.append(1) or 7) == 7
-    assert len(calls) == 3 and state.counters == CacheCounters()
     decisions = DecisionCache(enabled=False)
     decisions.put((1,), TreeParams(8, 3, 4))
     assert decisions.get((1,)) is None and decisions.counters == CacheCounters()
@@ -150,26 +175,6 @@ def test_content_key_is_stable_and_content_based():
     )  # pinned: keys are shared across actors
     with pytest.raises(ValueError, match="integers"):
         content_key(np.array([1.5]))
-
-
-# ---------------------------------------------------------------------------------------------------- state cache
-
-
-def test_state_cache_computes_once_per_distinct_key():
-    cache: StateCache[np.ndarray] = StateCache(max_size=8)
-    calls: list[tuple[int, ...]] = []
-
-    def embed(token_ids):
-        calls.append(tuple(token_ids))
-        return np.full(4, float(sum(token_ids)))
-
-    windows = [[1, 2], [3], [1, 2], [1, 2], [3], [4, 5, 6], [1, 2]]
-    results = [cache.get_or_compute(window, embed) for window in windows]
-    assert calls == [(1, 2), (3,), (4, 5, 6)]
-    assert results[2] is results[0]  # the stored object itself was returned
-    counters = cache.counters
-    assert (counters.lookups, counters.hits, counters.inserts) == (7, 4, 3)
-    assert counters.hit_rate == 4 / 7
 
 
 # ---------------------------------------------------------------------------------------------------- decision cache
@@ -369,124 +374,6 @@ def test_decode_cache_holds_back_the_anchor_inside_a_character():
     assert cache.counters.hits == 1
 
 
-# ---------------------------------------------------------------------------------------------------- fuzzy cache
-
-DIM = 384
-
-
-def unit(index: int, dim: int = DIM) -> np.ndarray:
-    vector = np.zeros(dim, dtype=np.float32)
-    vector[index] = 1.0
-    return vector
-
-
-def at_cosine(base: np.ndarray, other: np.ndarray, cosine: float) -> np.ndarray:
-    """A vector at the given cosine to `base` (base and other orthonormal)."""
-    return cosine * base + math.sqrt(1 - cosine**2) * other
-
-
-def test_fuzzy_threshold_decides_hit_or_near_miss():
-    base, query = unit(0), at_cosine(unit(0), unit(1), 0.9)
-    params = TreeParams(8, 3, 4)
-    lenient: FuzzyCache[TreeParams] = FuzzyCache(DIM, similarity_threshold=0.85)
-    strict: FuzzyCache[TreeParams] = FuzzyCache(DIM, similarity_threshold=0.95)
-    for cache in (lenient, strict):
-        assert cache.lookup(base) == (None, None)  # empty: a miss, not a near miss
-        cache.insert(base * 3.0, params)  # scaled on purpose: stored normalised
-    value, similarity = lenient.lookup(query)
-    assert value == params and similarity == pytest.approx(0.9, abs=1e-6)
-    value, similarity = strict.lookup(query)
-    assert value is None and similarity == pytest.approx(0.9, abs=1e-6)
-    assert (lenient.counters.lookups, lenient.counters.hits, lenient.counters.near_misses) == (2, 1, 0)
-    assert (strict.counters.lookups, strict.counters.hits, strict.counters.near_misses) == (2, 0, 1)
-    assert strict.counters.hit_rate == 0.0 and lenient.counters.hit_rate == 0.5
-
-
-def test_fuzzy_exact_duplicate_hits_at_threshold_one():
-    cache: FuzzyCache[str] = FuzzyCache(DIM, similarity_threshold=1.0)
-    vector = np.random.default_rng(0).standard_normal(DIM).astype(np.float32)
-    cache.insert(vector, "x")
-    assert cache.lookup(vector)[0] == "x"
-
-
-def test_fuzzy_near_duplicate_updates_in_place():
-    cache: FuzzyCache[str] = FuzzyCache(DIM)
-    base = unit(0)
-    cache.insert(base, "old")
-    cache.insert(at_cosine(base, unit(1), 0.9995), "new")  # >= 0.999: same context
-    assert len(cache) == 1
-    assert cache.lookup(base)[0] == "new"
-    cache.insert(at_cosine(base, unit(1), 0.99), "other")  # below 0.999: a new entry
-    assert len(cache) == 2
-    counters = cache.counters
-    assert (counters.inserts, counters.updates, counters.evictions) == (2, 1, 0)
-
-
-def test_fuzzy_lru_eviction_keeps_max_size_and_drops_least_recent():
-    cache: FuzzyCache[str] = FuzzyCache(DIM, max_size=3)
-    for index, name in enumerate("abc"):
-        cache.insert(unit(index), name)
-    assert cache.lookup(unit(0))[0] == "a"  # a used: b is now least recent
-    cache.insert(unit(3), "d")
-    assert len(cache) == 3 and cache.counters.evictions == 1
-    assert cache.lookup(unit(1)) == (None, 0.0)  # b is gone; its nearest neighbour is orthogonal
-    assert [cache.lookup(unit(i))[0] for i in (0, 2, 3)] == ["a", "c", "d"]
-    cache.insert(at_cosine(unit(2), unit(5), 0.9999), "c2")  # an update refreshes c's recency ...
-    cache.insert(unit(4), "e")  # ... so a (used before c and d) is evicted
-    assert cache.lookup(unit(0))[0] is None
-    assert [cache.lookup(unit(i))[0] for i in (2, 3, 4)] == ["c2", "d", "e"]
-    assert len(cache) == 3 and cache._index.ntotal == 3
-
-
-def test_fuzzy_lookup_batch_equals_per_item_lookup():
-    rng = np.random.default_rng(1)
-    stored = rng.standard_normal((300, DIM)).astype(np.float32)
-    near = stored[:40] + 0.1 * rng.standard_normal((40, DIM)).astype(np.float32)  # cosine ~0.995: hits
-    far = rng.standard_normal((40, DIM)).astype(np.float32)  # cosine ~0.15: near misses
-    queries = np.concatenate([near, far])[rng.permutation(80)]
-    caches: list[FuzzyCache[int]] = [FuzzyCache(DIM, max_size=1000) for _ in range(2)]
-    for cache in caches:
-        for index, vector in enumerate(stored):
-            cache.insert(vector, index)
-    batched = caches[0].lookup_batch(queries)
-    single = [caches[1].lookup(query) for query in queries]
-    assert [value for value, _ in batched] == [value for value, _ in single]
-    assert [s for _, s in batched] == pytest.approx([s for _, s in single], abs=1e-5)
-    assert sum(value is not None for value, _ in batched) == 40
-    assert caches[0].counters == caches[1].counters
-    assert caches[0].counters.near_misses == 40
-
-
-def test_fuzzy_ttl_removes_old_entries():
-    clock = FakeClock()
-    cache: FuzzyCache[str] = FuzzyCache(DIM, ttl_s=5.0, clock=clock)
-    cache.insert(unit(0), "a")
-    clock.now += 3.0
-    cache.insert(unit(1), "b")
-    clock.now += 3.0  # a is 6 s old
-    assert cache.lookup(unit(0)) == (None, 0.0)
-    assert cache.lookup(unit(1))[0] == "b"
-    assert len(cache) == 1 and cache.counters.evictions == 1
-
-
-@pytest.mark.parametrize(
-    ("bad", "message"),
-    [(np.zeros(DIM), "non-zero"), (np.full(DIM, np.nan), "finite"), (np.ones(DIM + 1), "shape")],
-)
-def test_fuzzy_rejects_bad_embeddings(bad, message):
-    cache: FuzzyCache[str] = FuzzyCache(DIM)
-    with pytest.raises(ValueError, match=message):
-        cache.insert(bad, "x")
-    with pytest.raises(ValueError, match=message):
-        cache.lookup(bad)
-
-
-@pytest.mark.parametrize("threshold", [0.0, -0.5, 1.01, math.nan])
-def test_fuzzy_rejects_bad_thresholds(threshold):
-    with pytest.raises(ValueError, match="similarity_threshold"):
-        FuzzyCache(DIM, similarity_threshold=threshold)
-
-
 # ---------------------------------------------------------------------------------------------------- frequency
 
 
@@ -562,14 +449,3 @@ def test_frequency_validates_its_settings():
         SmartFrequencyAdjuster(initial_interval=64)
     with pytest.raises(ValueError, match="target_overhead_fraction"):
         SmartFrequencyAdjuster(target_overhead_fraction=0)
-
-
-def test_fuzzy_cache_leaves_the_process_thread_count_alone():
-    # faiss and torch share one OpenMP runtime: a cache must not silently drop generation to one thread.
-    import torch
-
-    before = torch.get_num_threads()
-    cache = FuzzyCache(dim=8, max_size=4)
-    cache.insert(np.ones(8, dtype=np.float32), "x")
-    cache.lookup(np.ones(8, dtype=np.float32))
-    assert torch.get_num_threads() == before

@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from engine.types import DecodingState, DraftConfidence, StepStats, TreeParams
+from engine.types import DecodingState, DraftConfidence, StaticController, StepStats, TreeParams
 from policy.actions import DEFAULT_ACTIONS, ActionSet
 from policy.bandit import LinearBandit
 from policy.checkpoint import WEIGHTS_NAME, load_policy, save_policy
-from policy.controllers import HeuristicController, LearnedController, StaticController
+from policy.controllers import HeuristicController, LearnedController
 from policy.latency import LatencyTable, latency_signature
 from policy.observation import NUM_FEATURES, ObservationBuilder
 from training.train_policy import PolicyTrainConfig, train_policy
@@ -99,6 +99,7 @@ def test_controllers_stay_inside_action_set(mode):
     learned = LearnedController(bandit, actions, ObservationBuilder(), toy_latency(actions), mode=mode)
     for controller in (learned, HeuristicController(actions), StaticController(actions[3])):
         assert all(d in actions for d in drive(controller, rng))
+        controller.finish(num_new_tokens=10, wall_seconds=0.5)  # every member of the Controller protocol
     if mode == "inference":
         assert learned.transitions == [] and bandit.counts.sum() == 0
     else:

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from engine.generate import generate_speculative
-from engine.types import DecodingState
+from engine.types import DecodingState, StaticController
 from policy.actions import DEFAULT_ACTIONS, ActionSet
 from policy.bandit import LinearBandit
-from policy.controllers import HeuristicController, LearnedController, StaticController
+from policy.context_index import ContextIndex
+from policy.controllers import HeuristicController, LearnedController
 from policy.latency import LatencyTable
 from policy.observation import NUM_FEATURES, ObservationBuilder
 from policy.optimizer import (
@@ -158,7 +159,11 @@ def test_embedding_path_uses_state_decode_and_fuzzy_caches(tiny_llama, prompt_fa
     assert stats.cache_lookups["decode"] == optimizer.decode_cache.counters.lookups > 0
     assert stats.cache_lookups["state"] == optimizer.state_cache.counters.lookups > 0
     assert stats.cache_hits["state"] > 0
-    assert stats.cache_lookups["fuzzy"] == optimizer.context_cache.counters.lookups
+    fuzzy = optimizer.context_cache.counters
+    assert stats.cache_lookups["fuzzy"] == fuzzy.lookups and stats.cache_hits["fuzzy"] == fuzzy.hits > 0
+    # Every decision came from exactly one source: a fuzzy hit reused a stored decision, or the policy decided.
+    assert stats.cache_hits["fuzzy"] + stats.policy_calls + stats.fallbacks == stats.decisions
+    assert stats.fallbacks == 0 and len(optimizer.context_cache) > 0
     assert stats.background_embedding_seconds >= 0.0 and optimizer.embedder.num_embedded > 0
     optimizer.close()
 
@@ -177,8 +182,9 @@ def test_prototype_names_and_defaults() -> None:
         True,
         True,
     )
-    cache = ContextAwareCache()
-    assert (cache.max_size, cache.similarity_threshold) == (150, 0.85)
+    cache = ContextAwareCache()  # the in-process fuzzy cache is the one similarity index, configured small
+    assert isinstance(cache, ContextIndex) and isinstance(optimizer.context_cache, ContextIndex)
+    assert (cache.config.max_entries, cache.config.similarity_threshold, cache.config.dim) == (150, 0.85, 384)
     assert AdaptiveParameterPredictor(controller=predictor().controller).history_size == 100
     assert DEFAULT_ACTIONS  # the default action set covers CPU- and GPU-sized trees
     assert (
