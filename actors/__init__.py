@@ -1,1 +1,1 @@
-"""Thin Ray wrappers over plain classes: the generation actor, the shared context cache actor, stats."""
+"""Thin Ray wrappers over plain classes: the generation actor, the context cache, the stats collector."""

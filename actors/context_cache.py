@@ -1,5 +1,4 @@
-"""The cluster-wide context cache: one named async Ray actor holding a `ContextIndex`, plus the latest
-optimisation statistics that every generation actor reports.
+"""The cluster-wide context cache: one named async Ray actor holding a `ContextIndex`.
 
 Generation actors find it by (name, namespace) with `get_or_create_context_cache` and call `lookup` /
 `lookup_batch` / `insert_batch` with context embeddings (numpy [dim] / [n, dim]). Hits come back as plain dicts
@@ -10,29 +9,20 @@ migration, and rebuilds after deletions) and writing snapshot files.
 
 With `snapshot_path`, a starting (or restarted) actor restores the latest snapshot found there, `shutdown()`
 takes a final one, and `snapshot_interval_s` adds periodic snapshots whenever entries changed. Entries written
-after the last snapshot are lost when the actor dies. The job statistics are small and are saved there on every
-report (`job_stats.json`, replaced atomically), so a restarted actor loses none of them.
+after the last snapshot are lost when the actor dies.
 
 Look-ups also come over the actor's look-up link (`lookup_link()`, see `lookup_link.py`): a direct TCP
 connection served on this event loop, for callers to whom a Ray call's own latency matters. The generation
-actors use it, and fall back to the Ray methods when it fails.
+actors use it, and fall back to the Ray methods when it fails. `python -m jobs.bench_cache` measures both paths.
 
-Latency (`python -m jobs.bench_cache`: 100k entries, HNSW efSearch 64, 3 rounds of 2000 sequential single
-look-ups from another process, each query both ways with the two paths taking turns going first, counted on the
-look-ups that went first; on the 2-vCPU VM this was built on, load ~1-1.3): over the link p50 0.83 ms, p99
-1.51 ms; through a Ray call p50 1.98 ms, p99 3.92 ms. A no-op method on a plain threaded actor alone took p50
-0.90 ms, p99 2.02 ms there, so only the link gets a single look-up's p99 under 2 ms on that machine. The time
-inside the actor's look-up was p50 0.49-0.62 ms, p99 0.95-1.14 ms.
-
-Not here: the index itself (`policy/context_index.py`), embeddings, and deciding what to cache (the
-controllers and the generation actor).
+Not here: the index itself (`policy/context_index.py`), embeddings, deciding what to cache (the controllers and
+the generation actor), and the job's statistics (`stats_collector.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import os
 import time
@@ -49,20 +39,19 @@ from policy.context_snapshot import has_snapshot, write_snapshot
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_CONCURRENCY = 64  # coroutines the actor runs at once; the rest wait in Ray's queue
-# Per handle: beyond this Ray raises PendingCallsLimitExceeded at the caller. Measured on Ray 2.60, it bounds only
-# the creating process's handle; a handle that another process gets by name is unbounded.
+# Per handle: beyond this Ray raises PendingCallsLimitExceeded at the caller. On Ray 2.60 it bounds only the
+# creating process's handle; a handle that another process gets by name is unbounded.
 DEFAULT_MAX_PENDING_CALLS = 1024
 DEFAULT_MAX_RESTARTS = 3
-JOB_STATS_NAME = "job_stats.json"
 DEFAULT_MAX_TASK_RETRIES = 1  # look-ups are read-only and inserts overwrite, so one retry is safe
 # A rebuild adds the entries inserted during its build in a worker thread until at most this many are left,
-# so the swap holds the event loop for little (HNSW added ~3k vectors/s on one busy core here, at 384-d).
+# so the swap, on the event loop, adds only a few hundred vectors.
 REBUILD_CATCH_UP_ROWS = 256
 NUM_SERVICE_TIMES = 2048  # stats() reports percentiles of the time spent inside this many recent look-ups
 
 
 class ContextCacheActor:
-    """An async actor around one `ContextIndex` (built once in `__init__`) and the job statistics.
+    """An async actor around one `ContextIndex` (built once in `__init__`).
 
     snapshot_path: a folder (visible to the actor's node) for snapshots; restored from at start if it holds
         one, so a restarted actor comes back with its entries (`restored_entries` in stats()).
@@ -91,8 +80,6 @@ class ContextCacheActor:
         else:
             self._index = ContextIndex(auto_rebuild=False, **index_kwargs)
         self._saved_changes = self._index.num_changes  # index changes already in the configured snapshot
-        # job id -> reporter (a generation actor's incarnation) -> its latest report
-        self._job_stats: dict[str, dict[str, dict[str, Any]]] = _read_job_stats(self._snapshot_path)
         # Ray restarted this actor after its process died (max_restarts): the outage the stats show.
         self._is_restarted = (
             ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
@@ -161,9 +148,10 @@ class ContextCacheActor:
         return len(self._index)
 
     async def stats(self) -> dict[str, Any]:
-        """`ContextIndex.stats()` plus pid, is_restarted (Ray restarted this actor), memory_estimate_bytes, restored_entries, snapshots_written, last_snapshot_s, last_rebuild_s,
-        num_jobs, last_background_error, and lookup_service_ms: percentiles of the time spent inside the last
-        (up to NUM_SERVICE_TIMES) single look-ups (a Ray call or the link), without the transport."""
+        """`ContextIndex.stats()` plus pid, is_restarted (Ray restarted this actor), memory_estimate_bytes,
+        restored_entries, snapshots_written, last_snapshot_s, last_rebuild_s, last_background_error, and
+        lookup_service_ms: percentiles of the time spent inside the last (up to NUM_SERVICE_TIMES) single
+        look-ups (a Ray call or the link), without the transport."""
         service_ms = np.asarray(self._lookup_service_s) * 1e3
         return {
             **self._index.stats(),
@@ -174,7 +162,6 @@ class ContextCacheActor:
             "snapshots_written": self._num_snapshots,
             "last_snapshot_s": self._last_snapshot_s,
             "last_rebuild_s": self._last_rebuild_s,
-            "num_jobs": len(self._job_stats),
             "last_background_error": self._last_background_error,
             "lookup_service_ms": {
                 "num": len(service_ms),
@@ -217,29 +204,6 @@ class ContextCacheActor:
         if self._snapshot_path is not None:
             await self._write_snapshot(self._snapshot_path)
         ray.actor.exit_actor()
-
-    # ---- statistics of the generation actors ----
-
-    async def report_stats(self, job_id: str, reporter: str, stats: dict[str, Any]) -> None:
-        """Keep `stats` as the latest cumulative report of (job_id, reporter), replacing the previous one, and
-        save all reports (with a snapshot_path). `stats` must be JSON-able."""
-        for name, value in (("job_id", job_id), ("reporter", reporter)):
-            if not isinstance(value, str) or not value:
-                raise ValueError(f"{name} must be a non-empty str, got {value!r}")
-        if not isinstance(stats, dict):
-            raise ValueError(f"stats must be a dict, got {type(stats).__name__}")
-        self._job_stats.setdefault(job_id, {})[reporter] = dict(stats)
-        if self._snapshot_path is not None:
-            text = json.dumps(self._job_stats)  # on the event loop: a consistent copy
-            await asyncio.to_thread(_write_job_stats, self._snapshot_path, text)
-
-    async def job_ids(self) -> list[str]:
-        """The jobs that reported stats, in order of their first report."""
-        return list(self._job_stats)
-
-    async def job_stats(self, job_id: str) -> dict[str, dict[str, Any]]:
-        """{reporter: latest report} for one job ({} if it reported nothing)."""
-        return dict(self._job_stats.get(job_id, {}))
 
     # ---- background work ----
 
@@ -296,26 +260,6 @@ class ContextCacheActor:
 
 
 RemoteContextCacheActor = ray.remote(ContextCacheActor)
-
-
-def _read_job_stats(snapshot_path: str | None) -> dict[str, dict[str, dict[str, Any]]]:
-    if snapshot_path is None:
-        return {}
-    path = os.path.join(snapshot_path, JOB_STATS_NAME)
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as file:
-        return json.load(file)
-
-
-def _write_job_stats(snapshot_path: str, text: str) -> None:
-    """Replace job_stats.json atomically: a reader (or a restarted actor) sees the old file or the new one."""
-    os.makedirs(snapshot_path, exist_ok=True)
-    path = os.path.join(snapshot_path, JOB_STATS_NAME)
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w") as file:
-        file.write(text)
-    os.replace(temporary, path)
 
 
 def _check_snapshot_options(snapshot_path: str | None, snapshot_interval_s: float | None) -> None:
@@ -386,7 +330,7 @@ def get_or_create_context_cache(
 def shutdown_context_cache(cache: ActorHandle, timeout_s: float = 60.0) -> None:
     """Call `shutdown()` (final snapshot, then exit), then release the actor's name.
 
-    Measured on Ray 2.60: after `exit_actor()` the dead actor keeps its name while its owner holds a handle, so
+    On Ray 2.60, after `exit_actor()` the dead actor keeps its name while its owner holds a handle, so
     a later `get_or_create_context_cache` would get the dead one; `ray.kill` releases the name at once.
     """
     try:

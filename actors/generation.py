@@ -4,23 +4,27 @@ Built once per actor process (`__init__`): the target, its draft head and tokeni
 prompt-level decision caches in front of the shared cache actor, and the dashboard metrics. Per batch
 (`__call__`, a pyarrow Table in and out):
 
-    plan rows (pipeline.rows) -> tokenize -> context check -> prompt decisions (local, then shared)
+    read the plan columns -> tokenize -> context check -> prompt decisions (local, then shared)
       -> engine.generate_batch (batch in, batch out) -> detokenize -> result columns -> publish decisions + stats
 
-Every input row comes back, with every input column, plus the result columns (`common.config.OUTPUT_COLUMNS`).
-A row that cannot be generated gets `__inference_error__` and nulls; the batch goes on. Failures to load models
-are fatal and raise. Ray is touched only for the runtime context (CPU count, actor id), the shared-cache handle
-and metrics; everything else is plain Python, so tests can call the class without a cluster.
+The rows come planned: the row stage has already checked each row and written its error, max_new_tokens and
+temperature (`common.columns.PLAN_SCHEMA`); the actor only adds the checks that need the tokenizer (prompt
+length, the model's context). Every input row comes back, with every input column, the plan columns replaced
+by the result columns (`common.columns.RESULT_SCHEMA`). A row that cannot be generated gets
+`__inference_error__` and nulls; the batch goes on. Failures to load models are fatal and raise. Ray is touched
+only for the runtime context (CPU count, actor id), the shared-cache and stats-collector handles and metrics;
+everything else is plain Python, so tests can call the class without a cluster.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import math
 import os
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import ray
@@ -28,28 +32,34 @@ import torch
 
 from actors.decisions import PromptController, PromptDecisions
 from actors.metrics import ActorMetrics
-from common.config import ERROR_COLUMN, GenerateConfig
+from actors.stats import ActorStats, GenerationTotals
+from common.columns import (
+    ERROR_COLUMN,
+    PLAN_COLUMNS,
+    PLAN_MAX_NEW_TOKENS_COLUMN,
+    PLAN_TEMPERATURE_COLUMN,
+    RESULT_SCHEMA,
+)
+from common.config import GenerateConfig
 from engine.batch import GenerationRequest, RequestResult, generate_batch
 from engine.ea_model import EaModel
-from engine.types import GenerationOutput, SamplingParams, StepStats
-from pipeline.rows import RowPlan, plan_rows
+from engine.types import GenerationOutput, SamplingParams, StaticController, StepStats
 from policy.actions import DEFAULT_ACTIONS
 from policy.caches import content_key
 from policy.controllers import HeuristicController
 from policy.optimizer import AdaptiveParameterPredictor, RLInferenceOptimizer
 
-RESULT_SCHEMA = pa.schema(
-    [
-        ("generated_text", pa.string()),
-        ("num_input_tokens", pa.int64()),
-        ("num_generated_tokens", pa.int64()),
-        ("num_steps", pa.int64()),
-        ("mean_accepted_tokens", pa.float64()),
-        ("time_taken_llm", pa.float64()),
-        ("tree_params", pa.string()),
-        (ERROR_COLUMN, pa.string()),
-    ]
-)
+
+@dataclass(frozen=True)
+class ActorRow:
+    """One row as the actor sees it: tokenized, or the reason it is not generated (then the other fields are
+    what is known: prompt_ids of a prompt too long for the context, and None for an error the row stage found)."""
+
+    prompt: str | None
+    prompt_ids: list[int]
+    max_new_tokens: int | None
+    temperature: float | None
+    error: str | None = None
 
 
 def compact_trees(steps: list[StepStats]) -> str:
@@ -80,9 +90,10 @@ class GenerationActor:
     """Ray Data callable class: `map_batches(GenerationActor, fn_constructor_kwargs={...}, batch_format="pyarrow")`.
 
     config: a `GenerateConfig` as a dict (plain data travels to actors more simply than a model).
-    cache: a ContextCacheActor handle (stats always go there; prompt decisions only with config.shared_cache),
-        or None (tests without a cluster).
-    job_id: this run's id, the key under which stats are reported.
+    cache: the ContextCacheActor handle when config.shared_cache is on (prompt decisions are shared through
+        it), else None.
+    stats_collector: the job's StatsCollector actor handle, which gets `stats()` after every batch, or None
+        (tests without a cluster).
     load_encoder: returns texts -> unit embeddings [n, 384]; default MiniLM. Used only with a learned policy and
         config.shared_cache, on the prompt decisions' background thread.
     before_request: an optional engine hook (index, request) run before each generation; tests use it to inject
@@ -93,7 +104,7 @@ class GenerationActor:
         self,
         config: dict,
         cache=None,
-        job_id: str = "local",
+        stats_collector=None,
         load_encoder=None,
         before_request=None,
     ) -> None:
@@ -102,7 +113,7 @@ class GenerationActor:
         cpus = assigned_cpus()
         if cpus:
             # Threads from the CPUs Ray gave this actor, rounded down: an OpenMP thread without a core of its own
-            # spins at every barrier (measured here: 2 threads on 1.5 CPUs ran at 59% of 1 thread's speed).
+            # spins at every barrier and slows the threads that have one.
             torch.set_num_threads(max(1, math.floor(cpus)))
         self.num_threads = torch.get_num_threads()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -121,8 +132,7 @@ class GenerationActor:
         # its own, and the job summary adds them up.
         self.reporter = f"{self.actor_id}/{os.getpid()}"
         self.node_id = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        self.job_id = job_id
-        self.cache = cache
+        self.stats_collector = stats_collector
         self.before_request = before_request
         self.decisions: PromptDecisions | None = None
         if self.config.policy_kind == "learned" and self.config.shared_cache:
@@ -135,18 +145,7 @@ class GenerationActor:
             )
         in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
         self.metrics = ActorMetrics(self.config.job_name, self.actor_id) if in_actor else None
-        self.totals = {
-            "rows_ok": 0,
-            "rows_error": 0,
-            "input_tokens": 0,
-            "generated_tokens": 0,
-            "steps": 0,
-            "emitted_in_steps": 0,
-            "generation_seconds": 0.0,
-            "batch_seconds": 0.0,
-            "num_batches": 0,
-        }
-        self.stats_report_failures = 0
+        self.totals = GenerationTotals()
         self.init_seconds = time.perf_counter() - init_started
         self.first_batch_started_at: float | None = None  # wall-clock (time.time()) so the driver can compare
         self.last_batch_finished_at: float | None = None
@@ -161,7 +160,7 @@ class GenerationActor:
     def _build_controller(self):
         kind = self.config.policy_kind
         if kind == "static":
-            return self.config.static_tree
+            return StaticController(self.config.static_tree)
         if kind == "heuristic":
             return HeuristicController(DEFAULT_ACTIONS)
         self.optimizer = RLInferenceOptimizer(
@@ -175,22 +174,21 @@ class GenerationActor:
         started = time.perf_counter()
         if self.first_batch_started_at is None:
             self.first_batch_started_at = time.time()
-        plans = plan_rows(table, self.config)
-        rows = [self._tokenize(plan) for plan in plans]  # (plan, prompt ids) with the context checked
-        todo = [index for index, (plan, _) in enumerate(rows) if plan.error is None]
+        rows = self._read_rows(table)
+        todo = [index for index, row in enumerate(rows) if row.error is None]
         ids_column = self._row_keys(table)
         controllers: list = [self.controller] * len(todo)
         keys: list[str] = []
         if self.decisions is not None and todo:
-            keys = [content_key(rows[index][1]).hex() for index in todo]
-            lookups = self.decisions.submit([rows[index][0].prompt for index in todo], keys)
+            keys = [content_key(rows[index].prompt_ids).hex() for index in todo]
+            lookups = self.decisions.submit([rows[index].prompt for index in todo], keys)
             controllers = [PromptController(lookup, self.controller, self.decisions) for lookup in lookups]
         requests = [
             GenerationRequest(
-                prompt_ids=rows[index][1],
-                max_new_tokens=rows[index][0].max_new_tokens,
+                prompt_ids=rows[index].prompt_ids,
+                max_new_tokens=rows[index].max_new_tokens,
                 controller=controller,
-                sampling=SamplingParams(temperature=rows[index][0].temperature),
+                sampling=SamplingParams(temperature=rows[index].temperature),
                 seed=row_seed(self.config.seed, ids_column[index]),
                 timeout_s=self.config.row_timeout_s,
             )
@@ -217,12 +215,11 @@ class GenerationActor:
             except TimeoutError:
                 pass  # still publishing; the next report counts it
         columns = self._result_columns(rows, outputs)
-        self.totals["batch_seconds"] += time.perf_counter() - started
-        self.totals["num_batches"] += 1
+        self.totals.batch_seconds += time.perf_counter() - started
+        self.totals.num_batches += 1
         self.last_batch_finished_at = time.time()
         self._report(columns["time_taken_llm"])
-        if ERROR_COLUMN in table.column_names:
-            table = table.drop_columns([ERROR_COLUMN])
+        table = table.drop_columns(list(PLAN_COLUMNS))
         for field in RESULT_SCHEMA:
             table = table.append_column(field, pa.array(columns[field.name], type=field.type))
         return table
@@ -236,41 +233,66 @@ class GenerationActor:
         )
         return [str(value) for value in table.column(column).to_pylist()]
 
-    def _tokenize(self, plan: RowPlan) -> tuple[RowPlan, list[int]]:
-        if plan.error is not None:
-            return plan, []
-        prompt_ids = self.tokenizer(plan.prompt).input_ids
+    def _read_rows(self, table: pa.Table) -> list[ActorRow]:
+        """The rows as the row stage planned them, tokenized, with the limits that need the tokenizer checked."""
+        missing = [name for name in PLAN_COLUMNS if name not in table.column_names]
+        if missing:
+            raise ValueError(
+                f"the batch has no plan column(s) {missing}: GenerationActor takes the rows that the row stage "
+                "(pipeline.rows.validate_rows) planned"
+            )
+        prompt_column = self.config.prompt_column
+        prompts = (
+            table.column(prompt_column).to_pylist()
+            if prompt_column in table.column_names
+            else [None] * table.num_rows
+        )
+        plans = zip(
+            prompts,
+            table.column(PLAN_MAX_NEW_TOKENS_COLUMN).to_pylist(),
+            table.column(PLAN_TEMPERATURE_COLUMN).to_pylist(),
+            table.column(ERROR_COLUMN).to_pylist(),
+            strict=True,
+        )
+        return [self._tokenize(*plan) for plan in plans]
+
+    def _tokenize(
+        self, prompt, max_new_tokens: int | None, temperature: float | None, error: str | None
+    ) -> ActorRow:
+        if error is not None:
+            return ActorRow(None, [], max_new_tokens, temperature, error)
+        row = ActorRow(prompt, self.tokenizer(prompt).input_ids, max_new_tokens, temperature)
+        num_tokens = len(row.prompt_ids)
         cap = self.config.max_prompt_tokens
-        if cap is not None and len(prompt_ids) > cap:
-            error = f"prompt has {len(prompt_ids)} tokens, above max_prompt_tokens={cap}"
-            return RowPlan(None, plan.max_new_tokens, plan.temperature, error), prompt_ids
-        if len(prompt_ids) >= self.context_limit:
+        if cap is not None and num_tokens > cap:
+            return replace(row, error=f"prompt has {num_tokens} tokens, above max_prompt_tokens={cap}")
+        if num_tokens >= self.context_limit:
             error = (
-                f"prompt has {len(prompt_ids)} tokens; the model's context holds {self.context_limit} "
+                f"prompt has {num_tokens} tokens; the model's context holds {self.context_limit} "
                 "(prompt plus new tokens)"
             )
-            return RowPlan(None, plan.max_new_tokens, plan.temperature, error), prompt_ids
-        return plan, prompt_ids
+            return replace(row, error=error)
+        return row
 
-    def _result_columns(
-        self, rows: list[tuple[RowPlan, list[int]]], outputs: list[RequestResult | None]
-    ) -> dict[str, list]:
+    def _result_columns(self, rows: list[ActorRow], outputs: list[RequestResult | None]) -> dict[str, list]:
         columns: dict[str, list] = {field.name: [] for field in RESULT_SCHEMA}
-        for (plan, prompt_ids), result in zip(rows, outputs, strict=True):
-            error = plan.error if result is None else result.error
+        totals = self.totals
+        for row, result in zip(rows, outputs, strict=True):
+            prompt_ids = row.prompt_ids
+            error = row.error if result is None else result.error
             output: GenerationOutput | None = None if result is None else result.output
             if output is None:
-                self.totals["rows_error"] += 1
+                totals.rows_error += 1
                 values = dict.fromkeys(columns)
                 values[ERROR_COLUMN] = error
                 values["num_input_tokens"] = len(prompt_ids) if prompt_ids else None
             else:
-                self.totals["rows_ok"] += 1
-                self.totals["input_tokens"] += len(prompt_ids)
-                self.totals["generated_tokens"] += output.num_new_tokens
-                self.totals["steps"] += len(output.steps)
-                self.totals["emitted_in_steps"] += sum(step.num_emitted for step in output.steps)
-                self.totals["generation_seconds"] += output.wall_seconds
+                totals.rows_ok += 1
+                totals.input_tokens += len(prompt_ids)
+                totals.generated_tokens += output.num_new_tokens
+                totals.steps += len(output.steps)
+                totals.emitted_in_steps += sum(step.num_emitted for step in output.steps)
+                totals.generation_seconds += output.wall_seconds
                 values = {
                     "generated_text": self.tokenizer.decode(output.new_token_ids, skip_special_tokens=True),
                     "num_input_tokens": len(prompt_ids),
@@ -287,38 +309,36 @@ class GenerationActor:
 
     # ---- statistics -------------------------------------------------------------------------------------------
 
-    def stats(self) -> dict:
-        """This actor's cumulative statistics (plain data): totals, the optimizer's and the prompt decisions'."""
-        stats = {
-            "actor_id": self.actor_id,
-            "pid": os.getpid(),
-            "device": self.device,
-            "node_id": self.node_id,
-            "num_threads": self.num_threads,
-            "policy": self.config.policy_kind,
-            "init_seconds": self.init_seconds,
-            "first_batch_started_at": self.first_batch_started_at,
-            "last_batch_finished_at": self.last_batch_finished_at,
-            **self.totals,
-            "decision_seconds": 0.0,
-        }
+    def stats(self) -> ActorStats:
+        """This actor's cumulative statistics (a copy): totals, the optimizer's and the prompt decisions'."""
+        totals = replace(self.totals)
+        optimizer = None
         if self.optimizer is not None:
-            snapshot = self.optimizer.snapshot()
-            stats["optimizer"] = asdict(snapshot)
-            stats["decision_seconds"] = snapshot.decision_seconds
-        if self.decisions is not None:
-            stats["decisions"] = self.decisions.counters.to_dict()
-        stats["stats_report_failures"] = self.stats_report_failures
-        return stats
+            optimizer = copy.deepcopy(self.optimizer.snapshot())
+            totals.decision_seconds = optimizer.decision_seconds
+        return ActorStats(
+            actor_id=self.actor_id,
+            pid=os.getpid(),
+            device=self.device,
+            node_id=self.node_id,
+            num_threads=self.num_threads,
+            policy=self.config.policy_kind,
+            init_seconds=self.init_seconds,
+            first_batch_started_at=self.first_batch_started_at,
+            last_batch_finished_at=self.last_batch_finished_at,
+            totals=totals,
+            optimizer=optimizer,
+            decisions=None if self.decisions is None else copy.copy(self.decisions.counters),
+        )
 
     def _report(self, row_seconds: list) -> None:
-        """Publish metrics and send the cumulative stats to the cache actor (which aggregates the job)."""
+        """Publish metrics and send the cumulative stats to the job's stats collector."""
         stats = self.stats()
         if self.metrics is not None:
             self.metrics.publish(stats, [seconds for seconds in row_seconds if seconds is not None])
-        if self.cache is None:
+        if self.stats_collector is None:
             return
         try:
-            ray.get(self.cache.report_stats.remote(self.job_id, self.reporter, stats), timeout=5.0)
+            ray.get(self.stats_collector.report.remote(self.reporter, stats.to_dict()), timeout=5.0)
         except (ray.exceptions.RayError, TimeoutError):
-            self.stats_report_failures += 1  # the next report carries the cumulative totals again
+            self.totals.stats_report_failures += 1  # the next report carries the cumulative totals again

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
+from actors.stats import ActorStats
+
 TAG_KEYS = ("job", "actor")
 ROW_SECONDS_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 
@@ -60,29 +62,32 @@ class ActorMetrics:
         if delta > 0:
             metric.inc(delta, tags=tags)
 
-    def publish(self, stats: dict, row_seconds: list[float]) -> None:
+    def publish(self, stats: ActorStats, row_seconds: list[float]) -> None:
         """Publish an actor's cumulative stats (`GenerationActor.stats()`) and this batch's row times."""
-        self._add(self.rows, "rows_ok", stats["rows_ok"], {"status": "ok"})
-        self._add(self.rows, "rows_error", stats["rows_error"], {"status": "error"})
-        self._add(self.tokens, "tokens", stats["generated_tokens"])
-        self._add(self.steps, "steps", stats["steps"])
-        optimizer = stats.get("optimizer")
+        totals = stats.totals
+        self._add(self.rows, "rows_ok", totals.rows_ok, {"status": "ok"})
+        self._add(self.rows, "rows_error", totals.rows_error, {"status": "error"})
+        self._add(self.tokens, "tokens", totals.generated_tokens)
+        self._add(self.steps, "steps", totals.steps)
+        optimizer = stats.optimizer
         if optimizer is not None:
-            self._add(self.fallbacks, "fallbacks", optimizer["fallbacks"])
-            for level, lookups in optimizer["cache_lookups"].items():
+            self._add(self.fallbacks, "fallbacks", optimizer.fallbacks)
+            for level, lookups in optimizer.cache_lookups.items():
                 self._add(self.cache_lookups, f"lookups:{level}", lookups, {"level": level})
-                self._add(self.cache_hits, f"hits:{level}", optimizer["cache_hits"][level], {"level": level})
-        decisions = stats.get("decisions")
+                self._add(self.cache_hits, f"hits:{level}", optimizer.cache_hits[level], {"level": level})
+        decisions = stats.decisions
         if decisions is not None:
-            for level, hits in (("prompt_local", "local_hits"), ("prompt_shared", "shared_hits")):
-                lookups = decisions["lookups"] if level == "prompt_local" else decisions["shared_lookups"]
+            for level, lookups, hits in (
+                ("prompt_local", decisions.lookups, decisions.local_hits),
+                ("prompt_shared", decisions.shared_lookups, decisions.shared_hits),
+            ):
                 self._add(self.cache_lookups, f"lookups:{level}", lookups, {"level": level})
-                self._add(self.cache_hits, f"hits:{level}", decisions[hits], {"level": level})
-            self._add(self.shared_unreachable, "unreachable", decisions["shared_unreachable"])
-        if stats["steps"]:
-            self.tau.set(stats["emitted_in_steps"] / stats["steps"])
-        if stats["generation_seconds"] > 0:
-            self.tokens_per_s.set(stats["generated_tokens"] / stats["generation_seconds"])
-            self.decision_overhead.set(stats["decision_seconds"] / stats["generation_seconds"])
+                self._add(self.cache_hits, f"hits:{level}", hits, {"level": level})
+            self._add(self.shared_unreachable, "unreachable", decisions.shared_unreachable)
+        if totals.steps:
+            self.tau.set(totals.emitted_in_steps / totals.steps)
+        if totals.generation_seconds > 0:
+            self.tokens_per_s.set(totals.generated_tokens / totals.generation_seconds)
+            self.decision_overhead.set(totals.decision_seconds / totals.generation_seconds)
         for seconds in row_seconds:
             self.row_seconds.observe(seconds)

@@ -3,33 +3,21 @@
 `GenerateConfig` is the one config the job entry point builds from its arguments and passes down: the pipeline
 derives resources from it, and each generation actor receives it (as a dict) to load its models and controller.
 Paths to models are resolved by the entry point (the demo models when none are given); this module checks values,
-not files. Nothing here imports ray, or torch at import time (Ray Data's validation workers import this module).
+not files. Nothing here imports ray or torch (`engine.types` is plain data): Ray Data's row-validation workers
+import this module.
 """
 
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+import re
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-if TYPE_CHECKING:
-    from engine.types import TreeParams
+from engine.types import TreeParams
 
 POLICY_KEYWORDS = ("static", "heuristic")
-# The columns the job adds to every row. An input that already has one of them is refused before any work starts,
-# so that no input column is overwritten.
-OUTPUT_COLUMNS = (
-    "generated_text",
-    "num_input_tokens",
-    "num_generated_tokens",
-    "num_steps",
-    "mean_accepted_tokens",
-    "time_taken_llm",
-    "tree_params",
-    "__inference_error__",
-)
-ERROR_COLUMN = "__inference_error__"
 MAX_TEMPERATURE = 100.0
 
 
@@ -120,8 +108,6 @@ class GenerateConfig(BaseModel):
     @field_validator("tree")
     @classmethod
     def _valid_tree(cls, value: str) -> str:
-        from engine.types import TreeParams  # imported here: row-validation workers never load torch
-
         TreeParams.parse(value)  # raises a ValueError that names the expected form
         return value
 
@@ -137,8 +123,6 @@ class GenerateConfig(BaseModel):
 
     @property
     def static_tree(self) -> TreeParams:
-        from engine.types import TreeParams
-
         return TreeParams.parse(self.tree)
 
     @property
@@ -147,14 +131,27 @@ class GenerateConfig(BaseModel):
         return self.policy if self.policy in POLICY_KEYWORDS else "learned"
 
 
-def describe_validation_error(error: ValidationError) -> str:
-    """One line per problem, naming the option: 'max_new_tokens: Input should be greater than 0 (got -3)'."""
+def describe_validation_error(error: ValidationError, option_name: Callable[[str], str] = str) -> str:
+    """One line per problem, naming the option: 'max_new_tokens: Input should be greater than 0 (got -3)'.
+
+    option_name maps a field name to how the caller's user spells it (on the command line: '--max-new-tokens').
+    A problem of the whole config has its field names mapped too, outside quoted values:
+    'config: max_new_tokens 200 is above max_new_tokens_cap 100'."""
     lines = []
     for item in error.errors():
         message = item["msg"].removeprefix("Value error, ")
         if item["loc"]:
-            location = ".".join(str(part) for part in item["loc"])
+            location = ".".join(option_name(str(part)) for part in item["loc"])
             lines.append(f"{location}: {message} (got {item.get('input')!r})")
         else:
-            lines.append(f"config: {message}")
+            parts = re.split(r"('[^']*')", message)  # odd parts are quoted values, left as they are
+            parts[::2] = [_rename_fields(part, option_name) for part in parts[::2]]
+            lines.append(f"config: {''.join(parts)}")
     return "\n".join(lines)
+
+
+def _rename_fields(text: str, option_name: Callable[[str], str]) -> str:
+    def rename(match: re.Match) -> str:
+        return option_name(match[0]) if match[0] in GenerateConfig.model_fields else match[0]
+
+    return re.sub(r"\b[a-z_]+\b", rename, text)

@@ -19,24 +19,74 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import typing
 
 from pydantic import ValidationError
 
 from common.config import GenerateConfig, describe_validation_error
 from demo.build import DEFAULT_DEMO_ROOT
-from pipeline.inputs import InputError
+from pipeline.inputs import InputError, resolve_input
 
 DEFAULT_INPUT = "examples/prompts.parquet"
 DEFAULT_OUTPUT = "outputs/generate"
+# Required config fields that the command line fills in itself when they are left out.
+JOB_DEFAULTS = {"input": DEFAULT_INPUT, "output": DEFAULT_OUTPUT}
+DEMO_DEFAULTS = {"model": "the demo target", "draft": "the demo draft head", "policy": "the demo policy"}
 
 
-def _help(name: str) -> str:
-    return GenerateConfig.model_fields[name].description or ""
+def option_name(field_name: str) -> str:
+    """The command-line flag of a config field: 'num_actors' -> '--num-actors'."""
+    return "--" + field_name.replace("_", "-")
 
 
-def _optional_float(text: str) -> float | None:
-    """A number, or 'none' for no limit."""
-    return None if text.lower() == "none" else float(text)
+def _value_type(annotation) -> tuple[type, bool]:
+    """(the value's type, whether None is allowed) of a field annotation such as `int | None`."""
+    arguments = [argument for argument in typing.get_args(annotation) if argument is not type(None)]
+    if arguments:
+        assert len(arguments) == 1, f"no command-line form for {annotation}"
+        return arguments[0], True
+    return annotation, False
+
+
+def _parser_type(kind: type, optional: bool):
+    """What argparse converts a value with. An optional number also takes 'none' (no limit, or automatic)."""
+    assert kind in (str, int, float), f"no command-line form for {kind}"
+    if not optional or kind is str:
+        return kind
+
+    def convert(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    convert.__name__ = f"{kind.__name__} or 'none'"  # argparse names it in its messages
+    return convert
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per `GenerateConfig` field, named `option_name(field)`, with the field's description as help
+    and its default (booleans as --x / --no-x). Required fields without a job default are left out here."""
+    for name, field in GenerateConfig.model_fields.items():
+        help_text = (field.description or "").replace("%", "%%")
+        kind, optional = _value_type(field.annotation)
+        if kind is bool:
+            parser.add_argument(
+                option_name(name),
+                dest=name,
+                action=argparse.BooleanOptionalAction,
+                default=field.default,
+                help=f"{help_text} (default: %(default)s)",
+            )
+            continue
+        if name in DEMO_DEFAULTS:
+            default, help_text = None, f"{help_text} (default: {DEMO_DEFAULTS[name]})"
+        elif field.is_required():
+            default = JOB_DEFAULTS[name]
+        else:
+            default = field.default
+        if default is not None and name not in DEMO_DEFAULTS:
+            help_text += " (default: %(default)s)"
+        parser.add_argument(
+            option_name(name), dest=name, type=_parser_type(kind, optional), default=default, help=help_text
+        )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -45,48 +95,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--input", default=DEFAULT_INPUT, help=f"{_help('input')} (default: %(default)s)")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help=f"{_help('output')} (default: %(default)s)")
-    parser.add_argument("--prompt-column", default="prompt", help=_help("prompt_column"))
-    parser.add_argument("--id-column", default="id", help=_help("id_column"))
+    add_config_options(parser)
     parser.add_argument(
         "--demo-root",
         default=DEFAULT_DEMO_ROOT,
         help="where the demo models are, or get built, when --model/--draft/--policy are left out; under "
         "`ray job submit` give an absolute path, e.g. $PWD/models/demo (default: %(default)s)",
     )
-    parser.add_argument("--model", default=None, help=f"{_help('model')} (default: the demo target)")
-    parser.add_argument("--draft", default=None, help=f"{_help('draft')} (default: the demo draft head)")
-    parser.add_argument("--policy", default=None, help=f"{_help('policy')} (default: the demo policy)")
-    parser.add_argument("--tree", default="8/4/2", help=_help("tree"))
-    parser.add_argument("--max-new-tokens", type=int, default=128, help=_help("max_new_tokens"))
-    parser.add_argument("--max-new-tokens-cap", type=int, default=4096, help=_help("max_new_tokens_cap"))
-    parser.add_argument("--max-prompt-tokens", type=int, default=None, help=_help("max_prompt_tokens"))
-    parser.add_argument(
-        "--row-timeout-s",
-        type=_optional_float,
-        default=600.0,
-        help=f"{_help('row_timeout_s')} (default: %(default)s)",
-    )
-    parser.add_argument("--temperature", type=float, default=0.0, help=_help("temperature"))
-    parser.add_argument("--num-actors", type=int, default=1, help=_help("num_actors"))
-    parser.add_argument("--batch-size", type=int, default=16, help=_help("batch_size"))
-    parser.add_argument(
-        "--shared-cache", action=argparse.BooleanOptionalAction, default=False, help=_help("shared_cache")
-    )
-    parser.add_argument(
-        "--similarity-threshold", type=float, default=0.85, help=_help("similarity_threshold")
-    )
-    parser.add_argument("--address", default=None, help=_help("address"))
-    parser.add_argument("--namespace", default=None, help=_help("namespace"))
-    parser.add_argument("--cache-memory-mb", type=float, default=256.0, help=_help("cache_memory_mb"))
-    parser.add_argument("--trust-remote-code", action="store_true", help=_help("trust_remote_code"))
-    parser.add_argument("--num-gpus-per-actor", type=float, default=None, help=_help("num_gpus_per_actor"))
-    parser.add_argument("--cpus-per-actor", type=float, default=None, help=_help("cpus_per_actor"))
-    parser.add_argument("--job-name", default="eagleray", help=_help("job_name"))
-    parser.add_argument("--seed", type=int, default=0, help=_help("seed"))
-    parser.add_argument("--overwrite", action="store_true", help=_help("overwrite"))
-    parser.add_argument("--no-progress", action="store_true", help="hide the Ray Data progress bars")
     return parser.parse_args(argv)
 
 
@@ -94,36 +109,12 @@ def build_config(args: argparse.Namespace) -> GenerateConfig:
     """The validated config. Model paths left out are the demo's (checked, not built, here)."""
     from demo.build import demo_paths
 
+    values = {name: getattr(args, name) for name in GenerateConfig.model_fields}
     demo = demo_paths(args.demo_root)
-    return GenerateConfig(
-        input=args.input,
-        output=args.output,
-        prompt_column=args.prompt_column,
-        id_column=args.id_column,
-        model=args.model or demo["target"],
-        draft=args.draft or demo["draft"],
-        policy=args.policy or demo["policy"],
-        tree=args.tree,
-        max_new_tokens=args.max_new_tokens,
-        max_new_tokens_cap=args.max_new_tokens_cap,
-        max_prompt_tokens=args.max_prompt_tokens,
-        row_timeout_s=args.row_timeout_s,
-        temperature=args.temperature,
-        num_actors=args.num_actors,
-        batch_size=args.batch_size,
-        shared_cache=args.shared_cache,
-        similarity_threshold=args.similarity_threshold,
-        address=args.address,
-        namespace=args.namespace,
-        cache_memory_mb=args.cache_memory_mb,
-        trust_remote_code=args.trust_remote_code,
-        num_gpus_per_actor=args.num_gpus_per_actor,
-        cpus_per_actor=args.cpus_per_actor,
-        job_name=args.job_name,
-        seed=args.seed,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    values["model"] = values["model"] or demo["target"]
+    values["draft"] = values["draft"] or demo["draft"]
+    values["policy"] = values["policy"] or demo["policy"]
+    return GenerateConfig(**values)
 
 
 def check_model_folders(config: GenerateConfig) -> None:
@@ -143,11 +134,10 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         config = build_config(args)
     except ValidationError as error:
-        print(f"jobs.generate: invalid configuration:\n{describe_validation_error(error)}", file=sys.stderr)
+        problems = describe_validation_error(error, option_name)
+        print(f"jobs.generate: invalid configuration:\n{problems}", file=sys.stderr)
         raise SystemExit(2) from None
     # Fatal input problems are found before anything is built or started.
-    from pipeline.inputs import resolve_input
-
     try:
         resolve_input(config.input, config.prompt_column)
     except InputError as error:

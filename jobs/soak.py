@@ -6,9 +6,9 @@ killed every K seconds; then count what came out.
 It starts a local Ray, writes an input of --rows prompts (examples/prompts.parquet cycled, each row made
 distinct, with an `id` column) and runs the job (`pipeline.build.run_generate`, the demo models and policy,
 shared cache on) on a thread. Meanwhile it kills, every --kill-every-s seconds (+-25% jitter), the process of
-one actor drawn at random from the job's generation actors (their pids come from the stats they report) and,
-unless --no-kill-cache, the shared cache actor. Ray restarts them: Ray Data retries a dead actor's batch on its
-restarted self, and the cache actor comes back from its snapshot.
+one actor drawn at random from the job's generation actors (their pids come from the stats they report to the
+job's stats collector) and, unless --no-kill-cache, the shared cache actor. Ray restarts them: Ray Data retries
+a dead actor's batch on its restarted self, and the cache actor comes back from its snapshot.
 
 It reports rows in, rows out, unique ids, duplicate rows, lost ids, error rows, kills and wall time, and exits
 1 if any row was lost or duplicated. Not a test: it runs for minutes.
@@ -29,7 +29,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 
-from common.config import ERROR_COLUMN, GenerateConfig
+from actors.stats import ActorStats
+from actors.stats_collector import find_stats_collectors
+from common.columns import ERROR_COLUMN
+from common.config import GenerateConfig
 from demo.build import DEFAULT_DEMO_ROOT, demo_paths
 from jobs.demo import ensure_demo
 from jobs.prompts import read_prompt_column
@@ -101,17 +104,17 @@ class Killer:
         """(kind, pid) of the live actor processes: each generation actor's latest incarnation, and the cache."""
         try:
             cache = ray.get_actor(self.config.cache_name, namespace=self.config.namespace)
-            job_ids = ray.get(cache.job_ids.remote(), timeout=10)
-            reports = ray.get(cache.job_stats.remote(job_ids[0]), timeout=10) if job_ids else {}
+            collectors = find_stats_collectors(self.config.namespace)
+            reports = ray.get(collectors[0].reports.remote(), timeout=10) if collectors else {}
             cache_pid = ray.get(cache.stats.remote(), timeout=10)["pid"]
         except (ValueError, ray.exceptions.RayError, TimeoutError):
             return []  # not up yet, or restarting: try again at the next tick
-        latest: dict[str, dict] = {}
-        for stats in reports.values():
-            seen = latest.get(stats["actor_id"])
-            if seen is None or (stats["last_batch_finished_at"] or 0) > (seen["last_batch_finished_at"] or 0):
-                latest[stats["actor_id"]] = stats
-        found = [("generation", stats["pid"]) for stats in latest.values()]
+        latest: dict[str, ActorStats] = {}
+        for stats in map(ActorStats.from_dict, reports.values()):
+            seen = latest.get(stats.actor_id)
+            if seen is None or (stats.last_batch_finished_at or 0) > (seen.last_batch_finished_at or 0):
+                latest[stats.actor_id] = stats
+        found = [("generation", stats.pid) for stats in latest.values()]
         return found + ([("cache", cache_pid)] if self.kill_cache else [])
 
     def run(self, started: float) -> None:

@@ -1,1 +1,1 @@
-"""The Ray Data dataflow: config, input and row validation, resources, build_pipeline."""
+"""The Ray Data dataflow: input and row validation, resources, resume, the pipeline and the job summary."""

@@ -5,13 +5,15 @@
 
 `build_pipeline` wires the dataset; `run_generate` checks the input and output first (fatal problems stop the job
 before any actor starts), works out what an earlier run of the same job already wrote (`pipeline.resume`),
-connects to or starts Ray, creates the shared cache actor, executes the pipeline, then collects every actor's
-stats into one summary, printed and written to `<output>/_stats.json`.
+connects to or starts Ray, creates the job's stats collector (always) and the shared cache actor (only with
+`shared_cache`), executes the pipeline, then collects every actor's stats into one summary, printed and written
+to `<output>/_stats.json`.
 
 Faults: Ray Data restarts a generation actor that dies and retries its batch (max_restarts=-1 and
-max_task_retries=-1 are its defaults for actor pools); the cache actor restarts from its snapshot in
-`<output>/_context_cache/` while the generation actors carry on with local caches; a killed driver leaves
-complete result files (and at most one unreadable one per write in flight), from which a rerun resumes.
+max_task_retries=-1 are its defaults for actor pools); the stats collector restarts from the reports it saved in
+`<output>/_actor_stats.json`; the cache actor restarts from its snapshot in `<output>/_context_cache/` while
+the generation actors carry on with local caches; a killed driver leaves complete result files (and at most
+one unreadable one per write in flight), from which a rerun resumes.
 """
 
 from __future__ import annotations
@@ -30,14 +32,19 @@ from ray.data import ActorPoolStrategy, DataContext, Dataset
 
 from actors.context_cache import get_or_create_context_cache
 from actors.generation import GenerationActor
-from common.config import ERROR_COLUMN, GenerateConfig
+from actors.stats import ActorStats
+from actors.stats_collector import create_stats_collector
+from common.columns import ERROR_COLUMN
+from common.config import GenerateConfig
 from pipeline.inputs import InputError, InputFiles, resolve_input, split_uri
+from pipeline.lock import hold_output_lock
 from pipeline.resources import IO_TASK_CPUS, ActorResources, plan_actor_resources
 from pipeline.resume import JOB_NAME, ResumeState, list_result_files, plan_resume
 from pipeline.rows import prepare_batch
 from pipeline.summary import aggregate_actor_stats, format_summary
 
 STATS_NAME = "_stats.json"
+ACTOR_STATS_NAME = "_actor_stats.json"
 CACHE_SNAPSHOT_NAME = "_context_cache"
 CACHE_SNAPSHOT_INTERVAL_S = 30.0
 MAX_READ_BLOCKS = 2000
@@ -57,10 +64,11 @@ def build_pipeline(
     resources: ActorResources,
     resume: ResumeState,
     cache,
-    job_id: str,
+    stats_collector,
     **actor_kwargs,
 ) -> Dataset:
     """The dataset that, when written, generates every input row not already done (`resume`).
+    cache: the shared cache actor's handle, or None; stats_collector: the job's StatsCollector actor handle.
     `actor_kwargs` go to GenerationActor."""
     context = DataContext.get_current()
     context.enable_progress_bars = config.progress
@@ -89,7 +97,12 @@ def build_pipeline(
     )
     return dataset.map_batches(
         GenerationActor,
-        fn_constructor_kwargs={"config": config_dict, "cache": cache, "job_id": job_id, **actor_kwargs},
+        fn_constructor_kwargs={
+            "config": config_dict,
+            "cache": cache,
+            "stats_collector": stats_collector,
+            **actor_kwargs,
+        },
         compute=ActorPoolStrategy(size=config.num_actors),
         batch_size=config.batch_size,
         batch_format="pyarrow",
@@ -100,7 +113,8 @@ def build_pipeline(
 
 def prepare_output(location: str, overwrite: bool) -> tuple[pafs.FileSystem, str]:
     """The output folder, created if needed. With `overwrite`, everything an earlier job left there (results,
-    _job.json, _stats.json, the cache snapshots) is deleted first; without it, `resume.plan_resume` decides."""
+    _job.json, _stats.json, _actor_stats.json, the cache snapshots) is deleted first; without it,
+    `resume.plan_resume` decides."""
     filesystem, path = split_uri(location)
     info = filesystem.get_file_info(path)
     if info.type == pafs.FileType.File:
@@ -108,7 +122,7 @@ def prepare_output(location: str, overwrite: bool) -> tuple[pafs.FileSystem, str
     if info.type == pafs.FileType.Directory and overwrite:
         for file in list_result_files(filesystem, path):
             filesystem.delete_file(file)
-        for name in (STATS_NAME, JOB_NAME):
+        for name in (STATS_NAME, ACTOR_STATS_NAME, JOB_NAME):
             if filesystem.get_file_info(posixpath.join(path, name)).type == pafs.FileType.File:
                 filesystem.delete_file(posixpath.join(path, name))
         cache_path = posixpath.join(path, CACHE_SNAPSHOT_NAME)
@@ -152,18 +166,24 @@ def read_stats(filesystem: pafs.FileSystem, output_path: str) -> dict:
         return json.loads(stream.read())
 
 
-def cache_snapshot_path(filesystem: pafs.FileSystem, output_path: str) -> str | None:
-    """Where the shared cache actor keeps snapshots and job statistics: beside the results when they are on a
-    local (or mounted) disk; None for other filesystems (the actor then keeps them in memory only)."""
+def local_output_path(filesystem: pafs.FileSystem, output_path: str, name: str) -> str | None:
+    """Where an actor keeps what it saves (the cache's snapshots, the collected stats): beside the results when
+    they are on a local (or mounted) disk; None for other filesystems (the actor then keeps it in memory)."""
     if isinstance(filesystem, pafs.LocalFileSystem):
-        return posixpath.join(output_path, CACHE_SNAPSHOT_NAME)
+        return posixpath.join(output_path, name)
     return None
 
 
 def run_generate(config: GenerateConfig, **actor_kwargs) -> dict:
     """Run one job end to end, or resume it, and return its summary (also printed and written to
-    <output>/_stats.json)."""
+    <output>/_stats.json). The output folder's lock (`pipeline.lock`) keeps a second driver out meanwhile."""
     inputs = resolve_input(config.input, config.prompt_column)  # fatal problems surface before Ray starts
+    with hold_output_lock(config.output):
+        return _run_locked(config, inputs, **actor_kwargs)
+
+
+def _run_locked(config: GenerateConfig, inputs: InputFiles, **actor_kwargs) -> dict:
+    """`run_generate` once this driver holds the output folder's lock."""
     filesystem, output_path = prepare_output(config.output, config.overwrite)
     resume = plan_resume(config, inputs, filesystem, output_path)
     if resume.num_done >= inputs.num_rows:
@@ -177,15 +197,20 @@ def run_generate(config: GenerateConfig, **actor_kwargs) -> dict:
     resources = plan_actor_resources(config, ray.cluster_resources())
     job_id = f"{config.job_name}-{uuid.uuid4().hex[:8]}"
     namespace = config.namespace or f"eagleray-{job_id}"  # a job's own, unless configured to share
-    cache = get_or_create_context_cache(
-        config.cache_name,
-        namespace,
-        max_restarts=-1,  # a cache that always comes back (from its last snapshot); generation never waits
-        snapshot_path=cache_snapshot_path(filesystem, output_path),
-        snapshot_interval_s=CACHE_SNAPSHOT_INTERVAL_S,
-        similarity_threshold=config.similarity_threshold,
-        max_memory_bytes=int(config.cache_memory_mb * 2**20),
+    stats_collector = create_stats_collector(
+        job_id, namespace, local_output_path(filesystem, output_path, ACTOR_STATS_NAME)
     )
+    cache = None
+    if config.shared_cache:
+        cache = get_or_create_context_cache(
+            config.cache_name,
+            namespace,
+            max_restarts=-1,  # a cache that always comes back (from its last snapshot); generation never waits
+            snapshot_path=local_output_path(filesystem, output_path, CACHE_SNAPSHOT_NAME),
+            snapshot_interval_s=CACHE_SNAPSHOT_INTERVAL_S,
+            similarity_threshold=config.similarity_threshold,
+            max_memory_bytes=int(config.cache_memory_mb * 2**20),
+        )
     print(
         f"eagleray: {inputs.num_rows} rows from {len(inputs.paths)} file(s) -> {config.output}"
         + (f" ({resume.num_done} already done there, resuming)" if resume.num_done else "")
@@ -196,11 +221,14 @@ def run_generate(config: GenerateConfig, **actor_kwargs) -> dict:
         print(f"eagleray: deleted {file}, cut off by an earlier run; its rows are generated again")
     started = time.perf_counter()
     started_at = time.time()
-    dataset = build_pipeline(config, inputs, resources, resume, cache, job_id, **actor_kwargs)
+    dataset = build_pipeline(config, inputs, resources, resume, cache, stats_collector, **actor_kwargs)
     dataset.write_parquet(output_path, filesystem=filesystem, ray_remote_args={"num_cpus": IO_TASK_CPUS})
     wall_seconds = time.perf_counter() - started
-    per_actor = ray.get(cache.job_stats.remote(job_id))
-    summary = aggregate_actor_stats(per_actor)
+    reports = ray.get(stats_collector.reports.remote())
+    ray.kill(stats_collector, no_restart=True)  # the job's own; its reports are now in the summary
+    summary = aggregate_actor_stats(
+        {reporter: ActorStats.from_dict(stats) for reporter, stats in reports.items()}
+    )
     written = count_output(filesystem, output_path, config.id_column)
     summary.update(
         job_id=job_id,
@@ -218,7 +246,7 @@ def run_generate(config: GenerateConfig, **actor_kwargs) -> dict:
             summary["first_batch_started_at"] - started_at if summary["first_batch_started_at"] else None
         ),
         tokens_per_wall_second=summary["generated_tokens"] / wall_seconds if wall_seconds else 0.0,
-        shared_cache=ray.get(cache.stats.remote()),
+        shared_cache=None if cache is None else ray.get(cache.stats.remote()),
         config=config.model_dump(),
     )
     with filesystem.open_output_stream(posixpath.join(output_path, STATS_NAME)) as stream:

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from common.config import OUTPUT_COLUMNS
+from common.columns import RESERVED_COLUMNS
 
 GLOB_CHARACTERS = "*?["
 
@@ -86,7 +86,7 @@ def _files_under(filesystem: pafs.FileSystem, base: str, location: str) -> list[
 
 def resolve_input(location: str, prompt_column: str) -> InputFiles:
     """Resolve and check the input: every file readable as Parquet, each with `prompt_column`, none with a column
-    the job writes. Reads only the files' footers."""
+    the job writes (`common.columns.RESERVED_COLUMNS`). Reads only the files' footers."""
     filesystem, paths = list_parquet_files(location)
     schema: pa.Schema | None = None
     num_rows = 0
@@ -101,7 +101,7 @@ def resolve_input(location: str, prompt_column: str) -> InputFiles:
                 f"{path!r} has no prompt column {prompt_column!r}; available columns: {file_schema.names} "
                 "(choose one with --prompt-column)"
             )
-        clashes = [name for name in OUTPUT_COLUMNS if name in file_schema.names]
+        clashes = [name for name in RESERVED_COLUMNS if name in file_schema.names]
         if clashes:
             raise InputError(
                 f"{path!r} already has column(s) {clashes}, which the job writes; rename them in the input"

@@ -1,11 +1,12 @@
-"""Row validation: decide, per row, what to generate or why not.
+"""Row validation: decide, per row, what to generate or why not, once, before the generation actor.
 
 A row is an error row, with `__inference_error__` naming the problem, when its prompt is null, not a string,
 empty or whitespace, or when its own `max_new_tokens` / `temperature` column holds a value that is negative,
 NaN, infinite, not a number, or above the cap. Nothing is clamped. A null in a parameter column means "use the
 job's default". A prompt too long for the model's context is found later, by the actor, once it is tokenized.
-`validate_rows` never drops a row: it returns exactly the rows it was given, in order; `prepare_batch` (the
-pipeline's row stage) leaves out only the rows a previous run of the job already wrote.
+`validate_rows` never drops a row: it returns exactly the rows it was given, in order, with the plan columns
+(`common.columns.PLAN_SCHEMA`) that the actor reads instead of planning again; `prepare_batch` (the pipeline's
+row stage) leaves out only the rows a previous run of the job already wrote.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from common.config import ERROR_COLUMN, MAX_TEMPERATURE, GenerateConfig
+from common.columns import ERROR_COLUMN, PLAN_MAX_NEW_TOKENS_COLUMN, PLAN_SCHEMA, PLAN_TEMPERATURE_COLUMN
+from common.config import MAX_TEMPERATURE, GenerateConfig
 from pipeline.resume import ROW_HASH_COLUMN, id_digests, is_done
 
 MAX_NEW_TOKENS_COLUMN = "max_new_tokens"
@@ -104,11 +106,24 @@ def plan_rows(table: pa.Table, config: GenerateConfig) -> list[RowPlan]:
 
 
 def validate_rows(table: pa.Table, config: GenerateConfig) -> pa.Table:
-    """The same rows with `__inference_error__` set (string, null when the row is fine)."""
-    errors = pa.array([plan.error for plan in plan_rows(table, config)], type=pa.string())
-    if ERROR_COLUMN in table.column_names:
-        return table.set_column(table.column_names.index(ERROR_COLUMN), ERROR_COLUMN, errors)
-    return table.append_column(ERROR_COLUMN, errors)
+    """The same rows with the plan columns set: `__inference_error__` (null when the row is fine), and the
+    resolved `__max_new_tokens__` / `__temperature__` (null on an error row). A plan column the table already
+    has is replaced in place; the others are appended."""
+    plans = plan_rows(table, config)
+    columns = {
+        ERROR_COLUMN: [plan.error for plan in plans],
+        PLAN_MAX_NEW_TOKENS_COLUMN: [
+            None if plan.error is not None else plan.max_new_tokens for plan in plans
+        ],
+        PLAN_TEMPERATURE_COLUMN: [None if plan.error is not None else plan.temperature for plan in plans],
+    }
+    for field in PLAN_SCHEMA:
+        values = pa.array(columns[field.name], type=field.type)
+        if field.name in table.column_names:
+            table = table.set_column(table.column_names.index(field.name), field, values)
+        else:
+            table = table.append_column(field, values)
+    return table
 
 
 def prepare_batch(table: pa.Table, config: dict, done_digests: np.ndarray, generate_ids: bool) -> pa.Table:
@@ -117,8 +132,8 @@ def prepare_batch(table: pa.Table, config: dict, done_digests: np.ndarray, gener
 
     generate_ids: the input has no id column, so the row hashes Ray Data computed become the ids (see
     `pipeline.resume`). done_digests: sorted digests of the finished ids ([m] uint64, often empty).
-    It lives here, not beside the pipeline, so that these workers import only pyarrow, numpy and pydantic
-    (0.2 s), not the engine (5 s)."""
+    It lives here, not beside the pipeline, so that these workers import only pyarrow, numpy and pydantic,
+    not the engine (torch)."""
     job = GenerateConfig(**config)
     if generate_ids:
         position = table.column_names.index(ROW_HASH_COLUMN)

@@ -1,5 +1,5 @@
 """The context cache actor on a local Ray: shared by name within a namespace, look-up/insert round trips,
-job statistics, background rebuilds, and snapshots that a fresh or restarted actor restores."""
+background rebuilds, and snapshots that a fresh or restarted actor restores."""
 
 from __future__ import annotations
 
@@ -98,21 +98,6 @@ def test_the_look_up_link_answers_like_the_ray_method_from_another_process(cache
     assert [hit and hit["value"]["i"] for hit in over_link] == [0, 2, None]
     stats = ray.get(cache.stats.remote())
     assert stats["lookups"] == 6 and stats["lookup_service_ms"]["num"] == 6  # both paths, one index
-
-
-def test_report_stats_keeps_the_latest_cumulative_report_per_actor(cache_name: str) -> None:
-    cache = get_or_create_context_cache(cache_name, "test-a", dim=DIM)
-    ray.get(cache.report_stats.remote("job-1", "actor-a", {"num_steps": 10, "tokens_per_s": 300.0}))
-    ray.get(cache.report_stats.remote("job-1", "actor-b", {"num_steps": 4}))
-    ray.get(cache.report_stats.remote("job-1", "actor-a", {"num_steps": 25, "tokens_per_s": 320.0}))
-    ray.get(cache.report_stats.remote("job-2", "actor-a", {"num_steps": 1}))
-    assert ray.get(cache.job_stats.remote("job-1")) == {
-        "actor-a": {"num_steps": 25, "tokens_per_s": 320.0},  # replaced, not added
-        "actor-b": {"num_steps": 4},
-    }
-    assert ray.get(cache.job_stats.remote("job-3")) == {}
-    with pytest.raises(ray.exceptions.RayTaskError, match="job_id must be a non-empty str"):
-        ray.get(cache.report_stats.remote("", "actor-a", {}))
 
 
 def test_flat_to_hnsw_migration_runs_in_the_background(cache_name: str) -> None:

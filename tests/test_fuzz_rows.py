@@ -20,7 +20,14 @@ import pytest
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
-from common.config import ERROR_COLUMN, MAX_TEMPERATURE, GenerateConfig
+from common.columns import (
+    ERROR_COLUMN,
+    OUTPUT_COLUMNS,
+    PLAN_COLUMNS,
+    PLAN_MAX_NEW_TOKENS_COLUMN,
+    PLAN_TEMPERATURE_COLUMN,
+)
+from common.config import MAX_TEMPERATURE, GenerateConfig
 from demo.build import demo_paths
 from engine.ea_model import EaModel
 from pipeline.build import run_generate
@@ -220,11 +227,19 @@ def assert_same_rows(before: pa.Table, after: pa.Table) -> None:
 def test_validate_rows_keeps_every_row_and_names_every_problem(case):
     table, config = case
     validated = validate_rows(table, config)
-    assert validated.column_names == [*table.column_names, ERROR_COLUMN]
+    assert validated.column_names == [*table.column_names, *PLAN_COLUMNS]
     assert validated.schema.field(ERROR_COLUMN).type == pa.string()
     assert_same_rows(table, validated)
     plans = plan_rows(table, config)
     assert validated.column(ERROR_COLUMN).to_pylist() == [plan.error for plan in plans]
+    # What the actor reads instead of planning again: the plan's values on a good row, null on an error row.
+    good = [plan.error is None for plan in plans]
+    assert validated.column(PLAN_MAX_NEW_TOKENS_COLUMN).to_pylist() == [
+        plan.max_new_tokens if ok else None for plan, ok in zip(plans, good, strict=True)
+    ]
+    assert exact(validated.column(PLAN_TEMPERATURE_COLUMN)) == [
+        repr(plan.temperature if ok else None) for plan, ok in zip(plans, good, strict=True)
+    ]
     rows = zip(
         values(table, config.prompt_column),
         values(table, MAX_NEW_TOKENS_COLUMN),
@@ -273,7 +288,8 @@ def test_plan_row_on_an_int_beyond_float_range(max_new_tokens, temperature, fiel
 @settings(max_examples=150, deadline=None)
 @given(row_tables(), st.data())
 def test_an_error_already_on_a_row_is_kept_and_validation_is_idempotent(case, data):
-    """The actor validates rows the row stage already validated: earlier errors stay, nothing else changes."""
+    """Validating rows again (rows that already carry plan columns) keeps earlier errors and changes nothing
+    else."""
     table, config = case
     earlier = data.draw(
         st.lists(
@@ -284,7 +300,8 @@ def test_an_error_already_on_a_row_is_kept_and_validation_is_idempotent(case, da
     )
     with_errors = table.append_column(ERROR_COLUMN, pa.array(earlier, type=pa.string()))
     validated = validate_rows(with_errors, config)
-    assert validated.column_names == with_errors.column_names  # replaced in place, not added twice
+    # The error column is replaced in place, not added twice; the other plan columns are appended.
+    assert validated.column_names == [*with_errors.column_names, *PLAN_COLUMNS[1:]]
     assert_same_rows(table, validated)
     fresh = validate_rows(table, config).column(ERROR_COLUMN).to_pylist()
     want = [old if old is not None else new for old, new in zip(earlier, fresh, strict=True)]
@@ -392,6 +409,7 @@ def test_generated_rows_through_the_job(local_ray, tiny_demo, reference_model, t
     summary = run_generate(config)
     output = pq.read_table(str(tmp_path / "output"))
     assert summary["rows_in"] == summary["rows_out"] == output.num_rows == len(rows)
+    assert output.column_names[len(source.column_names) :] == list(OUTPUT_COLUMNS)  # no plan column leaks out
     assert sorted(output.column("id").to_pylist()) == source.column("id").to_pylist()
     by_id = {row["id"]: row for row in output.to_pylist()}
     tokenizer = reference_model.get_tokenizer()

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pytest
 
 from actors.decisions import PromptController, PromptDecisions
 from actors.generation import GenerationActor
-from common.config import ERROR_COLUMN, GenerateConfig
+from actors.stats import ActorStats
+from common.columns import ERROR_COLUMN, PLAN_COLUMNS, RESULT_SCHEMA
+from common.config import GenerateConfig
 from demo.build import demo_paths
 from engine.types import DecodingState, DraftConfidence, StepStats, TreeParams
 from pipeline.rows import validate_rows
@@ -78,6 +82,19 @@ def test_a_look_up_still_running_at_step_zero_leaves_the_generation_to_the_polic
     decisions.close()
 
 
+def test_a_static_policy_falls_back_through_a_static_controller():
+    from concurrent.futures import Future
+
+    from engine.types import StaticController
+
+    decisions = PromptDecisions("actor-a", lambda: toy_encoder)
+    controller = PromptController(Future(), StaticController(TreeParams(4, 3, 1)), decisions)
+    assert controller.decide(state(0)) == controller.decide(state(1)) == TreeParams(4, 3, 1)
+    controller.observe(steps_of(TreeParams(4, 3, 1), 1)[0])
+    controller.finish(10, 0.1)  # the whole Controller protocol, no isinstance branches
+    decisions.close()
+
+
 def test_a_failing_encoder_costs_only_the_look_up():
     def broken(texts):
         raise RuntimeError("encoder down")
@@ -116,9 +133,34 @@ def test_a_row_that_raises_in_the_engine_fails_alone(actor_config, tiny_demo):
     assert errors[1] == "RuntimeError: injected engine fault"
     texts = out.column("generated_text").to_pylist()
     assert texts[0] is not None and texts[1] is None and texts[2] is not None
+    # The plan columns are gone: the input's columns, then the result columns.
+    assert out.schema.names == ["id", "prompt", *RESULT_SCHEMA.names]
+    assert out.schema.remove(0).remove(0).equals(RESULT_SCHEMA)
     stats = actor.stats()
-    assert (stats["rows_ok"], stats["rows_error"]) == (2, 1)
-    assert stats["decisions"]["lookups"] == 3
+    assert (stats.totals.rows_ok, stats.totals.rows_error) == (2, 1)
+    assert stats.decisions.lookups == 3 and stats.optimizer is not None
+    assert stats.totals.decision_seconds == stats.optimizer.decision_seconds
+    # What travels to the stats collector and its file: plain JSON data that reads back the same.
+    assert ActorStats.from_dict(json.loads(json.dumps(stats.to_dict()))) == stats
+
+
+def test_the_actor_takes_the_rows_as_planned_and_refuses_unplanned_ones(actor_config, tiny_demo):
+    """The actor reads max_new_tokens and the error from the plan columns; it does not plan rows itself."""
+    config = {**actor_config, "shared_cache": False}
+    actor = GenerationActor(config)
+    with pytest.raises(ValueError, match="plan column"):
+        actor(pa.table({"id": [1], "prompt": ["def f(x):"]}))
+    table = pa.table({"id": [1, 2], "prompt": ["def f(x):", "import os"]})
+    planned = validate_rows(table, GenerateConfig(**config)).drop_columns(list(PLAN_COLUMNS))
+    planned = planned.append_column(ERROR_COLUMN, pa.array([None, "planned as an error"], type=pa.string()))
+    planned = planned.append_column(PLAN_COLUMNS[1], pa.array([2, None], type=pa.int64()))
+    planned = planned.append_column(PLAN_COLUMNS[2], pa.array([0.0, None], type=pa.float64()))
+    out = actor(planned)
+    generated = out.column("num_generated_tokens").to_pylist()
+    assert 1 <= generated[0] <= 2 and generated[1] is None  # 2 new tokens at most, not the job's 6
+    assert out.column(ERROR_COLUMN).to_pylist() == [None, "planned as an error"]
+    assert out.schema.names == ["id", "prompt", *RESULT_SCHEMA.names]
+    assert actor.stats().decisions is None  # the shared cache is off: no prompt decisions
 
 
 def test_row_limits_give_named_errors_and_spare_the_other_rows(actor_config, tiny_demo):

@@ -13,7 +13,8 @@ from ray.cluster_utils import Cluster
 
 from actors.context_cache import get_or_create_context_cache
 from actors.decisions import PROMPT_EMBEDDING_CHARS
-from common.config import ERROR_COLUMN, GenerateConfig
+from common.columns import ERROR_COLUMN
+from common.config import GenerateConfig
 from demo.build import demo_paths
 from pipeline.build import run_generate
 from policy.embedding import load_minilm_batch_encoder

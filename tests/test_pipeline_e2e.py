@@ -14,8 +14,8 @@ import pytest
 import ray
 
 from actors.context_cache import get_or_create_context_cache
-from actors.generation import RESULT_SCHEMA
-from common.config import ERROR_COLUMN, GenerateConfig
+from common.columns import ERROR_COLUMN, PLAN_COLUMNS, RESULT_SCHEMA
+from common.config import GenerateConfig
 from demo.build import demo_paths
 from engine.ea_model import EaModel
 from jobs import generate
@@ -96,10 +96,13 @@ def test_every_row_comes_back_once_with_its_columns(job_result, mixed_input):
             assert by_id[row["id"]][name] == row[name] or (row[name] != row[name])  # NaN != NaN
 
 
-def test_output_schema(job_result):
+def test_output_schema(job_result, mixed_input):
     _, table, _ = job_result
     for field in RESULT_SCHEMA:
         assert table.schema.field(field.name).type == field.type
+    # The input's columns, then the result columns; the plan columns never reach the output.
+    assert table.column_names == [*pq.read_schema(mixed_input).names, *RESULT_SCHEMA.names]
+    assert not set(PLAN_COLUMNS[1:]) & set(table.column_names)
 
 
 def test_bad_rows_name_their_problem(job_result):
@@ -188,7 +191,7 @@ def test_bad_option_stops_before_any_work(tmp_path, capsys):
     with pytest.raises(SystemExit) as exited:
         generate.main(["--max-new-tokens", "-1", "--output", str(tmp_path / "out")])
     assert exited.value.code == 2
-    assert "max_new_tokens" in capsys.readouterr().err
+    assert "--max-new-tokens: Input should be greater than 0" in capsys.readouterr().err
 
 
 def test_jobs_read_each_others_cache_entries_only_when_given_one_namespace(

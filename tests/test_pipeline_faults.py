@@ -18,7 +18,10 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 
-from common.config import ERROR_COLUMN, GenerateConfig
+from actors.stats import ActorStats
+from actors.stats_collector import find_stats_collectors
+from common.columns import ERROR_COLUMN
+from common.config import GenerateConfig
 from demo.build import demo_paths
 from pipeline.build import run_generate
 from pipeline.resume import list_result_files
@@ -94,13 +97,15 @@ def cache_of(config: GenerateConfig):
         return None
 
 
-def reports(config: GenerateConfig) -> dict:
-    """The job's generation-actor reports, {reporter: stats}, once the job has reported."""
-    cache = cache_of(config)
-    if cache is None:
+def reports(config: GenerateConfig) -> dict[str, ActorStats]:
+    """The job's generation-actor reports, {reporter: stats}, from the job's stats collector once it runs."""
+    collectors = find_stats_collectors(config.namespace)
+    if not collectors:
         return {}
-    job_ids = ray.get(cache.job_ids.remote())
-    return ray.get(cache.job_stats.remote(job_ids[0])) if job_ids else {}
+    return {
+        reporter: ActorStats.from_dict(stats)
+        for reporter, stats in ray.get(collectors[0].reports.remote()).items()
+    }
 
 
 def assert_every_id_once(output, expected_ids: list) -> pa.Table:
@@ -116,13 +121,16 @@ def test_a_killed_generation_actor_loses_no_row(local_ray, tiny_demo, tmp_path):
     config = fault_config(tiny_demo, tmp_path / "in.parquet", tmp_path / "out")
     job = JobThread(config)
     job.start()
-    first = wait_for(lambda: next((s for s in reports(config).values() if s["rows_ok"] > 0), None), "a batch")
-    os.kill(first["pid"], signal.SIGKILL)
+    first = wait_for(
+        lambda: next((s for s in reports(config).values() if s.totals.rows_ok > 0), None), "a batch"
+    )
+    assert cache_of(config) is None  # the shared cache is off: no cache actor, the stats go to the collector
+    os.kill(first.pid, signal.SIGKILL)
     summary = job.result()
     table = assert_every_id_once(tmp_path / "out", [f"row-{i}" for i in range(24)])
     assert table.column(ERROR_COLUMN).null_count == 24
     assert summary["actor_restarts"] >= 1 and summary["num_actors"] == 1
-    assert {actor["pid"] for actor in summary["per_actor"].values()} - {first["pid"]}  # a new process
+    assert {actor["pid"] for actor in summary["per_actor"].values()} - {first.pid}  # a new process
     assert summary["rows_ok"] >= 24  # the batch in flight when it died was generated again
 
 
@@ -144,10 +152,25 @@ def test_a_killed_cache_actor_restarts_from_its_snapshot(local_ray, tiny_demo, t
     after = summary["shared_cache"]
     assert after["pid"] != before["pid"] and after["is_restarted"]
     assert after["restored_entries"] >= before["entries"] > 0
-    # The job's statistics survived the crash: every row is counted once across the reports.
+    # The job's statistics live in its stats collector, which the crash did not touch.
     assert summary["rows_ok"] >= 24
     decisions = summary["prompt_decisions"]
     assert decisions["lookups"] >= 24
+
+
+def test_a_killed_stats_collector_comes_back_with_the_reports(local_ray, tiny_demo, tmp_path):
+    write_prompts(tiny_demo, tmp_path / "in.parquet", 24)
+    config = fault_config(tiny_demo, tmp_path / "in.parquet", tmp_path / "out")
+    job = JobThread(config)
+    job.start()
+    wait_for(lambda: any(s.totals.rows_ok > 0 for s in reports(config).values()), "a report")
+    collector = find_stats_collectors(config.namespace)[0]
+    os.kill(ray.get(collector.__ray_call__.remote(lambda self: os.getpid())), signal.SIGKILL)
+    summary = job.result()
+    assert_every_id_once(tmp_path / "out", [f"row-{i}" for i in range(24)])
+    # The restarted collector read back the reports saved before the crash; later reports replaced them.
+    assert summary["rows_ok"] == 24 and summary["num_actors"] == 1
+    assert os.path.isfile(tmp_path / "out" / "_actor_stats.json")
 
 
 def run_job_process(argv: list[str]) -> subprocess.Popen:

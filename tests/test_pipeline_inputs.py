@@ -12,7 +12,8 @@ from pydantic import ValidationError
 
 from actors.decisions import best_tree
 from actors.generation import compact_trees, row_seed
-from common.config import ERROR_COLUMN, GenerateConfig, describe_validation_error
+from common.columns import ERROR_COLUMN, PLAN_MAX_NEW_TOKENS_COLUMN, PLAN_TEMPERATURE_COLUMN
+from common.config import GenerateConfig, describe_validation_error
 from engine.types import DraftConfidence, StepStats, TreeParams
 from pipeline.inputs import InputError, resolve_input
 from pipeline.resources import plan_actor_resources
@@ -51,6 +52,25 @@ def test_bad_config_is_refused_with_the_option_named(overrides, named):
     with pytest.raises(ValidationError) as caught:
         make_config(**overrides)
     assert named in describe_validation_error(caught.value)
+
+
+def test_config_problems_can_name_the_command_line_flags():
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    with pytest.raises(ValidationError) as caught:
+        make_config(num_actors=0)
+    assert describe_validation_error(caught.value, flag).startswith("--num-actors: ")
+    with pytest.raises(ValidationError) as caught:
+        make_config(max_new_tokens=200, max_new_tokens_cap=100)
+    assert describe_validation_error(caught.value, flag) == (
+        "config: --max-new-tokens 200 is above --max-new-tokens-cap 100"
+    )
+    with pytest.raises(ValidationError) as caught:
+        make_config(prompt_column="id_column", id_column="id_column")  # a quoted value keeps its spelling
+    assert describe_validation_error(caught.value, flag) == (
+        "config: --prompt-column and --id-column are both 'id_column'"
+    )
 
 
 def test_policy_kind():
@@ -95,9 +115,10 @@ def test_unreadable_file_is_fatal(tmp_path):
         resolve_input(str(path), "prompt")
 
 
-def test_input_with_an_output_column_is_refused(tmp_path):
-    path = write(tmp_path / "a.parquet", prompt=["x"], generated_text=["old"])
-    with pytest.raises(InputError, match="generated_text"):
+@pytest.mark.parametrize("column", ["generated_text", ERROR_COLUMN, PLAN_MAX_NEW_TOKENS_COLUMN])
+def test_input_with_a_column_the_job_writes_is_refused(tmp_path, column):
+    path = write(tmp_path / "a.parquet", prompt=["x"], **{column: ["old"]})
+    with pytest.raises(InputError, match=column):
         resolve_input(path, "prompt")
 
 
@@ -148,12 +169,23 @@ def test_validate_rows_keeps_every_row_and_column():
             "extra": ["x", "y", "z", "w"],
         }
     )
-    validated = validate_rows(table, make_config())
+    validated = validate_rows(table, make_config(max_new_tokens=64, temperature=0.5))
     assert validated.num_rows == 4
-    assert validated.column_names == ["id", "prompt", "max_new_tokens", "extra", ERROR_COLUMN]
+    assert validated.column_names == [
+        "id",
+        "prompt",
+        "max_new_tokens",
+        "extra",
+        ERROR_COLUMN,
+        PLAN_MAX_NEW_TOKENS_COLUMN,
+        PLAN_TEMPERATURE_COLUMN,
+    ]
     errors = validated.column(ERROR_COLUMN).to_pylist()
     assert errors[0] is None
     assert "null" in errors[1] and "whitespace" in errors[2] and "max_new_tokens" in errors[3]
+    # The resolved values the actor reads: the row's own, else the job's; null on an error row.
+    assert validated.column(PLAN_MAX_NEW_TOKENS_COLUMN).to_pylist() == [4, None, None, None]
+    assert validated.column(PLAN_TEMPERATURE_COLUMN).to_pylist() == [0.5, None, None, None]
 
 
 # ---- small helpers of the actor ----------------------------------------------------------------------------------

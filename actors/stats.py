@@ -1,0 +1,77 @@
+"""What one generation actor reports: `ActorStats`, cumulative since the actor's process started.
+
+An actor reports its whole `ActorStats` after every batch (the latest report replaces the previous one), so a
+lost report costs nothing that the next does not carry again. Reports travel, and are kept on disk, as
+`to_dict()` (JSON-able plain data): the stats collector stores them without importing this module, and the
+job summary reads them back with `from_dict`. The summary adds up `totals` field by field
+(`GenerationTotals.merge`), the optimizer's stats with `OptimizationStats.merge`, and the prompt decisions'
+counters field by field.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass, field, fields
+
+from actors.decisions import DecisionCounters
+from policy.stats import OptimizationStats
+
+
+@dataclass
+class GenerationTotals:
+    """The counts and times that add up across actors (and across incarnations of one actor)."""
+
+    rows_ok: int = 0
+    rows_error: int = 0
+    input_tokens: int = 0  # prompt tokens of the rows generated
+    generated_tokens: int = 0
+    steps: int = 0  # draft/verify steps
+    emitted_in_steps: int = 0  # tokens those steps emitted: tau = emitted_in_steps / steps
+    generation_seconds: float = 0.0  # wall time inside the engine's generations
+    batch_seconds: float = 0.0  # wall time of whole batches (tokenizing, deciding, detokenizing included)
+    num_batches: int = 0
+    decision_seconds: float = 0.0  # the optimizer's deciding, a part of generation_seconds
+    stats_report_failures: int = 0  # reports that did not reach the collector (later ones carried the totals)
+
+    @property
+    def rows(self) -> int:
+        return self.rows_ok + self.rows_error
+
+    def merge(self, other: GenerationTotals) -> None:
+        """Add `other` into this one."""
+        for item in fields(self):
+            setattr(self, item.name, getattr(self, item.name) + getattr(other, item.name))
+
+
+@dataclass
+class ActorStats:
+    """One actor process's report. `optimizer` is set with a learned policy, `decisions` with a learned policy
+    and the shared cache on (the prompt-level decision caches)."""
+
+    actor_id: str  # the Ray actor's id (its unique part); a restarted actor keeps it
+    pid: int
+    device: str  # "cuda" or "cpu"
+    node_id: str | None  # None outside Ray
+    num_threads: int  # torch intra-op threads
+    policy: str  # GenerateConfig.policy_kind
+    init_seconds: float  # loading the models and building the controller
+    first_batch_started_at: float | None  # wall clock (time.time()), comparable with the driver's
+    last_batch_finished_at: float | None
+    totals: GenerationTotals = field(default_factory=GenerationTotals)
+    optimizer: OptimizationStats | None = None
+    decisions: DecisionCounters | None = None
+
+    def to_dict(self) -> dict:
+        """Plain, JSON-able data (a copy): what travels to the collector and is kept in its file."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> ActorStats:
+        """The inverse of `to_dict`."""
+        values = copy.deepcopy(data)
+        values["totals"] = GenerationTotals(**values["totals"])
+        if values["optimizer"] is not None:
+            values["optimizer"] = OptimizationStats(**values["optimizer"])
+        if values["decisions"] is not None:
+            values["decisions"] = DecisionCounters(**values["decisions"])
+        return cls(**values)
