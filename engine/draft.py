@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.draft_head import DraftHead, DraftKVCache
@@ -36,12 +37,45 @@ class DraftResult:
     confidence: DraftConfidence
 
 
+class DraftProjection:
+    """Draft logits from predicted features: the target's lm_head, or only its rows for the head's draft
+    vocabulary (`DraftHead.draft_vocab`), with the proposals mapped back to target ids.
+
+    Example: draft_vocab [2, 7, 9]; the best of the three rows is row 1 -> proposed target id 7."""
+
+    def __init__(self, lm_head: nn.Module, draft_vocab: torch.Tensor | None) -> None:
+        weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+        self.token_ids = None if draft_vocab is None else draft_vocab.to(weight.device)  # [V']
+        if self.token_ids is not None:
+            weight = weight[self.token_ids]  # [V', H], a copy made once per head and lm_head
+            bias = None if bias is None else bias[self.token_ids]
+        self.weight, self.bias = weight, bias
+
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> log-probabilities [..., V'] over the draft vocabulary."""
+        return torch.log_softmax(F.linear(hidden, self.weight, self.bias).float(), dim=-1)
+
+    def to_target_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        return indices if self.token_ids is None else self.token_ids[indices]
+
+
+def draft_projection(head: DraftHead, lm_head: nn.Module) -> DraftProjection:
+    """The head's projection onto `lm_head`, built once and kept on the head (built again when the lm_head or the vocabulary is replaced)."""
+    vocab = head.draft_vocab
+    key = (id(lm_head), lm_head.weight.data_ptr(), lm_head.weight.dtype, None if vocab is None else id(vocab))
+    cached = getattr(head, "_draft_projection", None)
+    if cached is None or cached[0] != key:
+        cached = (key, DraftProjection(lm_head, vocab))
+        head._draft_projection = cached
+    return cached[1]
+
+
 class Drafter:
-    """Runs the draft head with its own KV cache and the target's lm_head."""
+    """Runs the draft head with its own KV cache and the target's lm_head (or its draft-vocabulary rows)."""
 
     def __init__(self, head: DraftHead, lm_head: nn.Module) -> None:
         self.head = head
-        self.lm_head = lm_head
+        self.projection = draft_projection(head, lm_head)
         self.cache = DraftKVCache()
         self.dtype = head.fc.weight.dtype
 
@@ -49,7 +83,7 @@ class Drafter:
         self.cache = DraftKVCache()
 
     def _log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        return torch.log_softmax(self.lm_head(hidden).float(), dim=-1)
+        return self.projection.log_probs(hidden)
 
     def read_pending(self, pending: PendingDraftInput) -> torch.Tensor:
         """Feed the pending pairs; return the draft's predicted feature after the last one [1, 1, H]."""
@@ -72,17 +106,18 @@ class Drafter:
         prefix_length = self.cache.length
         top_k = params.top_k
 
-        root_log_probs = self._log_probs(last_hidden[0, 0])  # [V]
+        root_log_probs = self._log_probs(last_hidden[0, 0])  # [V'] (V' = V without a draft vocabulary)
         first = torch.topk(root_log_probs, top_k)
+        first_ids = self.projection.to_target_ids(first.indices)  # [k] target ids
         token_chunks, score_chunks, parent_chunks = (
-            [first.indices],
+            [first_ids],
             [first.values],
             [torch.full((top_k,), -1, device=device)],
         )
 
         frontier_ids = torch.arange(top_k, device=device)  # candidate index of each frontier node
         frontier_scores = first.values  # [k]
-        frontier_tokens = first.indices  # [k]
+        frontier_tokens = first_ids  # [k]
         frontier_features = last_hidden[0].expand(top_k, -1)  # [k, H], the parent's predicted feature
         identity = torch.eye(top_k, dtype=torch.bool, device=device)
         frontier_ancestry = identity  # [k, tree entries in the draft cache so far]
@@ -92,10 +127,11 @@ class Drafter:
             positions = torch.full((1, top_k), prefix_length + round_index, device=device)
             mask = additive_mask(frontier_ancestry, prefix_length, self.dtype)
             hidden = self.head(frontier_tokens[None], frontier_features[None], positions, mask, self.cache)
-            log_probs = self._log_probs(hidden[0])  # [k, V]
+            log_probs = self._log_probs(hidden[0])  # [k, V']
             children = torch.topk(log_probs, top_k, dim=-1)  # [k, k] per frontier node
+            children_ids = self.projection.to_target_ids(children.indices).view(-1)  # [k*k] target ids
             cumulative = (frontier_scores[:, None] + children.values).view(-1)  # [k*k]
-            token_chunks.append(children.indices.view(-1))
+            token_chunks.append(children_ids)
             score_chunks.append(cumulative)
             parent_chunks.append(frontier_ids.repeat_interleave(top_k))
 
@@ -103,7 +139,7 @@ class Drafter:
             parent_slot = best.indices // top_k  # which frontier node each new frontier node descends from
             frontier_ids = num_candidates + best.indices
             frontier_scores = best.values
-            frontier_tokens = children.indices.view(-1)[best.indices]
+            frontier_tokens = children_ids[best.indices]
             frontier_features = hidden[0, parent_slot]
             frontier_ancestry = torch.cat((frontier_ancestry[parent_slot], identity), dim=1)
             num_candidates += top_k * top_k
@@ -120,7 +156,7 @@ class Drafter:
 
 
 def _confidence(root_log_probs: torch.Tensor, tree: DraftTree) -> DraftConfidence:
-    """root_log_probs [V] on the draft's device: reduced there, so only two scalars cross to the host."""
+    """root_log_probs [V'] on the draft's device: reduced there, so only two scalars cross to the host."""
     probs = root_log_probs.exp()
     top1_prob, entropy = torch.stack((probs.max(), -(probs * root_log_probs.clamp(min=-1e9)).sum())).tolist()
     drafted = tree.scores[1:]

@@ -6,6 +6,11 @@ draft logits. Layer 0 has no input_layernorm, exactly as in the official checkpo
 key for key: `fc.weight` [H, 2H] (+ optional `fc.bias`), `layers.0.*`, `embed_tokens.weight` (optional: copied
 from the target when absent).
 
+A head may also carry a draft vocabulary: the target token ids its proposals are drawn from, in a side file
+(`draft_vocab.safetensors`, key `token_ids`, int64 [V']) so the weights file stays in the official layout. The
+drafter then projects onto those rows of the target's lm_head only, which makes each draft round several times
+cheaper when the target's vocabulary is large. It changes what is proposed, never what is accepted.
+
 This module does not build trees or decode; see `tree.py` and `generate.py`.
 """
 
@@ -23,6 +28,7 @@ from torch import nn
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 BIN_NAME = "pytorch_model.bin"
+DRAFT_VOCAB_NAME = "draft_vocab.safetensors"
 
 
 @dataclass(frozen=True)
@@ -226,6 +232,22 @@ class DraftHead(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.fc = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=config.fc_bias)
         self.layers = nn.ModuleList([DraftLayer(config)])
+        self.draft_vocab: torch.Tensor | None = (
+            None  # [V'] sorted target ids, or None for the whole vocabulary
+        )
+
+    def set_draft_vocab(self, token_ids: torch.Tensor | None) -> None:
+        """Draw proposals from these target token ids only (None: the whole vocabulary)."""
+        if token_ids is None:
+            self.draft_vocab = None
+            return
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().unique()  # sorted, no repeats
+        if ids.numel() == 0 or int(ids[0]) < 0 or int(ids[-1]) >= self.config.vocab_size:
+            raise ValueError(
+                f"a draft vocabulary needs 1..{self.config.vocab_size} token ids in [0, {self.config.vocab_size}), "
+                f"got {ids.numel()} ids" + (f" from {int(ids[0])} to {int(ids[-1])}" if ids.numel() else "")
+            )
+        self.draft_vocab = ids
 
     def forward(
         self,
@@ -251,6 +273,11 @@ class DraftHead(nn.Module):
         save_file(state, os.path.join(out_dir, SAFETENSORS_NAME))
         with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
             json.dump(self.config.to_official_json(), f, indent=2)
+        vocab_path = os.path.join(out_dir, DRAFT_VOCAB_NAME)
+        if self.draft_vocab is not None:
+            save_file({"token_ids": self.draft_vocab.cpu().contiguous()}, vocab_path)
+        elif os.path.isfile(vocab_path):
+            os.remove(vocab_path)  # a stale vocabulary from an earlier head in this folder
 
     @classmethod
     def from_pretrained(cls, path: str, target_embeddings: torch.Tensor | None = None) -> DraftHead:
@@ -287,6 +314,12 @@ class DraftHead(nn.Module):
                     f"draft head {path!r}: {key} has shape {tuple(tensor.shape)}, expected {tuple(want)}"
                 )
         head.load_state_dict(state)
+        vocab_path = os.path.join(path, DRAFT_VOCAB_NAME)
+        if os.path.isfile(vocab_path):
+            vocab = load_file(vocab_path)
+            if set(vocab) != {"token_ids"} or vocab["token_ids"].dtype != torch.int64:
+                raise ValueError(f"{vocab_path!r} must hold one int64 tensor named 'token_ids'")
+            head.set_draft_vocab(vocab["token_ids"])
         return head.eval()
 
 

@@ -4,7 +4,10 @@
    post-norm last hidden states (the features) along prompt + continuation.
 2. train: the head reads (feature f_j, token x_{j+1}) and predicts f_{j+1}. Loss = SmoothL1 on the feature plus
    cross-entropy of the head's logits against the target's distribution softmax(lm_head(f_{j+1})). A second
-   unrolled pass feeds the head its own predicted features, as the tree does beyond the first level.
+   unrolled pass feeds the head its own predicted features, as the tree does beyond the first level. With
+   `draft_vocab_size`, both distributions are taken over the draft vocabulary only (the most frequent tokens of
+   the training sequences, saved with the head): the loss then costs a fraction of the full vocabulary's, and
+   the drafter proposes from the same tokens it was trained on.
 3. evaluate: speculative generation on held-out prompts, reporting tau (tokens per step).
 
 Token ids in, head out; prompts come tokenized. Saving uses the official layout (draft_head.py).
@@ -40,6 +43,7 @@ class DraftTrainConfig:
     token_loss_weight: float = 0.1
     feature_noise: float = 0.1
     unroll_passes: int = 2
+    draft_vocab_size: int | None = None  # None: the target's whole vocabulary
     time_budget_s: float | None = None
     eval_tree: TreeParams = TreeParams(24, 5, 4)
     eval_max_new_tokens: int = 96
@@ -99,6 +103,19 @@ def collect_features(
         features = target.backbone(input_ids=ids).last_hidden_state[0]
         examples.append((ids[0].cpu(), features.float().cpu()))
     return examples
+
+
+def choose_draft_vocab(
+    examples: list[tuple[torch.Tensor, torch.Tensor]], size: int, vocab_size: int
+) -> torch.Tensor:
+    """The `size` most frequent token ids of the training sequences, sorted ([size] int64); ties by id."""
+    if not 1 <= size <= vocab_size:
+        raise ValueError(f"draft_vocab_size must be in [1, {vocab_size}], got {size}")
+    counts = torch.zeros(vocab_size, dtype=torch.float64)
+    for ids, _ in examples:
+        counts.index_add_(0, ids, torch.ones(ids.shape[0], dtype=torch.float64))
+    order = torch.argsort(-counts, stable=True)  # most frequent first; equal counts keep id order
+    return order[:size].sort().values
 
 
 def draft_losses(
@@ -164,6 +181,10 @@ def train_head(
     head.embed_tokens.weight.data.copy_(model.get_input_embeddings().weight.detach().float().cpu())
     head.embed_tokens.weight.requires_grad_(False)
     lm_head = _frozen_copy(model.get_output_embeddings())
+    if config.draft_vocab_size is not None:
+        vocab = choose_draft_vocab(examples, config.draft_vocab_size, head.config.vocab_size)
+        head.set_draft_vocab(vocab)
+        lm_head = _rows(lm_head, vocab)
     trainable = [p for p in head.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0, betas=(0.9, 0.95))
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
@@ -198,6 +219,15 @@ def train_head(
         break
     bar.close()
     return head.eval(), losses, time.perf_counter() - started
+
+
+def _rows(module: torch.nn.Linear, token_ids: torch.Tensor) -> torch.nn.Linear:
+    """A frozen lm_head over `token_ids` only: its logits are the full head's at those ids."""
+    rows = torch.nn.Linear(module.in_features, token_ids.shape[0], bias=module.bias is not None)
+    rows.weight.data.copy_(module.weight.data[token_ids])
+    if module.bias is not None:
+        rows.bias.data.copy_(module.bias.data[token_ids])
+    return rows.requires_grad_(False)
 
 
 def _frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
