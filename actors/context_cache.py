@@ -26,11 +26,13 @@ import collections
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
 import numpy as np
 import ray
 from ray.actor import ActorHandle
+from ray.util.annotations import RayDeprecationWarning
 
 from actors.lookup_link import new_token, start_lookup_server
 from policy.context_index import ContextIndex
@@ -48,6 +50,17 @@ DEFAULT_MAX_TASK_RETRIES = 1  # look-ups are read-only and inserts overwrite, so
 # so the swap, on the event loop, adds only a few hundred vectors.
 REBUILD_CATCH_UP_ROWS = 256
 NUM_SERVICE_TIMES = 2048  # stats() reports percentiles of the time spent inside this many recent look-ups
+
+
+def _was_restarted() -> bool:
+    """Whether Ray restarted this actor after its process died. Ray 2.60's `was_current_actor_reconstructed`
+    reads Ray's own deprecated `actor_id` property and so logs a RayDeprecationWarning in every actor that
+    asks; that warning is about Ray's code, not ours, and is silenced here."""
+    if not ray.is_initialized():
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RayDeprecationWarning)
+        return ray.get_runtime_context().was_current_actor_reconstructed
 
 
 class ContextCacheActor:
@@ -81,9 +94,7 @@ class ContextCacheActor:
             self._index = ContextIndex(auto_rebuild=False, **index_kwargs)
         self._saved_changes = self._index.num_changes  # index changes already in the configured snapshot
         # Ray restarted this actor after its process died (max_restarts): the outage the stats show.
-        self._is_restarted = (
-            ray.is_initialized() and ray.get_runtime_context().was_current_actor_reconstructed
-        )
+        self._is_restarted = _was_restarted()
         self._snapshot_lock = asyncio.Lock()
         self._rebuild_task: asyncio.Task | None = None
         self._periodic_task: asyncio.Task | None = None

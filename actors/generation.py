@@ -11,7 +11,8 @@ The rows come planned: the row stage has already checked each row and written it
 temperature (`common.columns.PLAN_SCHEMA`); the actor only adds the checks that need the tokenizer (prompt
 length, the model's context). Every input row comes back, with every input column, the plan columns replaced
 by the result columns (`common.columns.RESULT_SCHEMA`). A row that cannot be generated gets
-`__inference_error__` and nulls; the batch goes on. Failures to load models are fatal and raise. Ray is touched
+`__inference_error__` and nulls; the batch goes on. A prompt that fits the context but leaves less room than
+its max_new_tokens is generated until the context is full, and says so: finish_reason "context". Failures to load models are fatal and raise. Ray is touched
 only for the runtime context (CPU count, actor id), the shared-cache and stats-collector handles and metrics;
 everything else is plain Python, so tests can call the class without a cluster.
 """
@@ -29,12 +30,14 @@ from dataclasses import dataclass, replace
 import pyarrow as pa
 import ray
 import torch
+from transformers.utils import logging as transformers_logging
 
 from actors.decisions import PromptController, PromptDecisions
 from actors.metrics import ActorMetrics
 from actors.stats import ActorStats, GenerationTotals
 from common.columns import (
     ERROR_COLUMN,
+    FINISH_REASONS,
     PLAN_COLUMNS,
     PLAN_MAX_NEW_TOKENS_COLUMN,
     PLAN_TEMPERATURE_COLUMN,
@@ -98,6 +101,8 @@ class GenerationActor:
         config.shared_cache, on the prompt decisions' background thread.
     before_request: an optional engine hook (index, request) run before each generation; tests use it to inject
         a failure into one row.
+    run_id: the unique id of this run of the job (`pipeline.build.run_generate` prints it at start), the
+        metrics' `job` tag; config.job_name is their `job_name` tag. None: the job name plus a fresh suffix.
     """
 
     def __init__(
@@ -107,6 +112,7 @@ class GenerationActor:
         stats_collector=None,
         load_encoder=None,
         before_request=None,
+        run_id: str | None = None,
     ) -> None:
         init_started = time.perf_counter()
         self.config = GenerateConfig(**config)
@@ -117,6 +123,9 @@ class GenerationActor:
             torch.set_num_threads(max(1, math.floor(cpus)))
         self.num_threads = torch.get_num_threads()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+            # An actor's output goes to a log file, never a terminal: no bars (their \r fragments) there.
+            transformers_logging.disable_progress_bar()
         self.model = EaModel.from_pretrained(
             base_model_path=self.config.model,
             ea_model_path=self.config.draft,
@@ -144,7 +153,8 @@ class GenerationActor:
                 self.actor_id, load_encoder, cache, self.config.similarity_threshold
             )
         in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
-        self.metrics = ActorMetrics(self.config.job_name, self.actor_id) if in_actor else None
+        run_id = run_id or f"{self.config.job_name}-{uuid.uuid4().hex[:8]}"
+        self.metrics = ActorMetrics(run_id, self.config.job_name, self.actor_id) if in_actor else None
         self.totals = GenerationTotals()
         self.init_seconds = time.perf_counter() - init_started
         self.first_batch_started_at: float | None = None  # wall-clock (time.time()) so the driver can compare
@@ -191,6 +201,9 @@ class GenerationActor:
                 sampling=SamplingParams(temperature=rows[index].temperature),
                 seed=row_seed(self.config.seed, ids_column[index]),
                 timeout_s=self.config.row_timeout_s,
+                # A learned policy and the prompt decisions read each step's measured seconds; on CUDA the
+                # engine times steps only when asked (on the CPU it always does, at no cost).
+                time_steps=True if self.config.policy_kind == "learned" else None,
             )
             for index, controller in zip(todo, controllers, strict=True)
         ]
@@ -287,7 +300,9 @@ class GenerationActor:
                 values[ERROR_COLUMN] = error
                 values["num_input_tokens"] = len(prompt_ids) if prompt_ids else None
             else:
+                finish_reason = FINISH_REASONS[output.finish_reason]
                 totals.rows_ok += 1
+                totals.count_finish(finish_reason)
                 totals.input_tokens += len(prompt_ids)
                 totals.generated_tokens += output.num_new_tokens
                 totals.steps += len(output.steps)
@@ -297,6 +312,7 @@ class GenerationActor:
                     "generated_text": self.tokenizer.decode(output.new_token_ids, skip_special_tokens=True),
                     "num_input_tokens": len(prompt_ids),
                     "num_generated_tokens": output.num_new_tokens,
+                    "finish_reason": finish_reason,
                     "num_steps": len(output.steps),
                     "mean_accepted_tokens": output.mean_accepted_tokens,
                     "time_taken_llm": output.wall_seconds,

@@ -1,8 +1,11 @@
 """Dashboard metrics of a generation actor, through `ray.util.metrics`.
 
-Every metric carries the tags `job` and `actor` (Ray requires a value for every declared tag key) and is named
-`eagleray_*`; the Ray metrics exporter shows them as `ray_eagleray_*` in Prometheus and the dashboard's Metrics
-tab. Counters take deltas per batch and skip zero increments (`Counter.inc(0)` raises). This module only
+Every metric carries the tags `job` (the run's unique id, which the job prints at start, so that two runs of one
+job name are two series), `job_name` (--job-name) and `actor` (Ray requires a value for every declared tag key)
+and is named `eagleray_*`; the Ray metrics exporter shows them as `ray_eagleray_*` in Prometheus and the
+dashboard's Metrics tab. Counters take deltas per batch. Each counter series exists from the start at 0 (rows
+by status and by finish reason as the actor starts, the others at their first report), so that a dashboard
+plots `status="error"` before the first error and `increase()` sees that first error. This module only
 publishes numbers that the actor measured; it computes nothing of its own.
 """
 
@@ -11,16 +14,24 @@ from __future__ import annotations
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from actors.stats import ActorStats
+from common.columns import FINISH_REASONS
 
-TAG_KEYS = ("job", "actor")
+TAG_KEYS = ("job", "job_name", "actor")
 ROW_SECONDS_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+
+
+def record_zero(metric: Counter, tags: dict[str, str] | None = None) -> None:
+    """Create a counter's series (its default tags plus `tags`) at 0, as Prometheus clients do for labelled
+    counters. `Counter.inc(0)` raises (Ray 2.60 accepts only values > 0); `Metric._record`, which `inc` calls once
+    that check has passed, records the 0 as an increment of nothing, and the exporter then shows the series."""
+    metric._record(0, tags=tags)
 
 
 class ActorMetrics:
     """The metrics one generation actor publishes."""
 
-    def __init__(self, job: str, actor: str) -> None:
-        self.tags = {"job": job, "actor": actor}
+    def __init__(self, run_id: str, job_name: str, actor: str) -> None:
+        self.tags = {"job": run_id, "job_name": job_name, "actor": actor}
 
         def counter(name: str, description: str, extra: tuple[str, ...] = ()) -> Counter:
             metric = Counter(f"eagleray_{name}", description=description, tag_keys=TAG_KEYS + extra)
@@ -33,6 +44,9 @@ class ActorMetrics:
             return metric
 
         self.rows = counter("rows", "rows finished, by status (ok or error)", ("status",))
+        self.finish_reasons = counter(
+            "finish_reasons", "generated rows by finish reason (stop, length or context)", ("reason",)
+        )
         self.tokens = counter("generated_tokens", "new tokens generated")
         self.steps = counter("steps", "draft/verify steps")
         self.fallbacks = counter("fallbacks", "steps that fell back to the static tree")
@@ -54,19 +68,31 @@ class ActorMetrics:
         )
         self.row_seconds.set_default_tags(self.tags)
         self._last: dict[str, float] = {}
+        for status in ("ok", "error"):
+            self._add(self.rows, f"rows_{status}", 0, {"status": status})
+        for reason in FINISH_REASONS.values():
+            self._add(self.finish_reasons, f"finish_{reason}", 0, {"reason": reason})
+        self._add(self.tokens, "tokens", 0)
+        self._add(self.steps, "steps", 0)
 
     def _add(self, metric: Counter, key: str, total: float, tags: dict[str, str] | None = None) -> None:
-        """Increase `metric` by how much `total` grew since the last call for this key."""
+        """Increase `metric` by how much `total` grew since the last call for this key; the first call for a key
+        creates its series, at 0 when nothing was counted yet."""
+        first = key not in self._last
         delta = total - self._last.get(key, 0)
         self._last[key] = total
         if delta > 0:
             metric.inc(delta, tags=tags)
+        elif first:
+            record_zero(metric, tags)
 
     def publish(self, stats: ActorStats, row_seconds: list[float]) -> None:
         """Publish an actor's cumulative stats (`GenerationActor.stats()`) and this batch's row times."""
         totals = stats.totals
         self._add(self.rows, "rows_ok", totals.rows_ok, {"status": "ok"})
         self._add(self.rows, "rows_error", totals.rows_error, {"status": "error"})
+        for reason, count in totals.finish_reasons.items():
+            self._add(self.finish_reasons, f"finish_{reason}", count, {"reason": reason})
         self._add(self.tokens, "tokens", totals.generated_tokens)
         self._add(self.steps, "steps", totals.steps)
         optimizer = stats.optimizer

@@ -23,6 +23,10 @@ class GenerationTotals:
 
     rows_ok: int = 0
     rows_error: int = 0
+    # rows_ok by their finish_reason column (common.columns.FINISH_REASONS): stop + length + context = rows_ok
+    finish_stop: int = 0  # an end-of-sequence token
+    finish_length: int = 0  # max_new_tokens reached
+    finish_context: int = 0  # the model's context filled up first: fewer than max_new_tokens
     input_tokens: int = 0  # prompt tokens of the rows generated
     generated_tokens: int = 0
     steps: int = 0  # draft/verify steps
@@ -36,6 +40,17 @@ class GenerationTotals:
     @property
     def rows(self) -> int:
         return self.rows_ok + self.rows_error
+
+    @property
+    def finish_reasons(self) -> dict[str, int]:
+        """Generated rows by finish_reason: {"stop": n, "length": n, "context": n}."""
+        return {"stop": self.finish_stop, "length": self.finish_length, "context": self.finish_context}
+
+    def count_finish(self, reason: str) -> None:
+        """Count one generated row that finished for `reason` ("stop", "length" or "context")."""
+        name = f"finish_{reason}"
+        assert hasattr(self, name), f"unknown finish reason {reason!r}"
+        setattr(self, name, getattr(self, name) + 1)
 
     def merge(self, other: GenerationTotals) -> None:
         """Add `other` into this one."""

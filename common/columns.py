@@ -23,6 +23,7 @@ RESULT_SCHEMA = pa.schema(
         ("generated_text", pa.string()),
         ("num_input_tokens", pa.int64()),
         ("num_generated_tokens", pa.int64()),
+        ("finish_reason", pa.string()),
         ("num_steps", pa.int64()),
         ("mean_accepted_tokens", pa.float64()),
         ("time_taken_llm", pa.float64()),
@@ -31,6 +32,9 @@ RESULT_SCHEMA = pa.schema(
     ]
 )
 OUTPUT_COLUMNS: tuple[str, ...] = tuple(RESULT_SCHEMA.names)
+
+# The engine's GenerationOutput.finish_reason -> the finish_reason column.
+FINISH_REASONS: dict[str, str] = {"eos": "stop", "length": "length", "context": "context"}
 
 PLAN_SCHEMA = pa.schema(
     [

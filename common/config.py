@@ -96,7 +96,9 @@ class GenerateConfig(BaseModel):
         description="start afresh: delete the results already in the output folder (without it, a rerun of "
         "the same job resumes where it stopped)",
     )
-    progress: bool = Field(True, description="show Ray Data progress bars")
+    progress: bool = Field(
+        True, description="show Ray Data's progress: bars in a terminal, log lines every 10 s elsewhere"
+    )
 
     @field_validator("temperature")
     @classmethod

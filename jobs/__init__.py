@@ -1,1 +1,48 @@
-"""Entry points for `python -m jobs.<name>` and `ray job submit`. Each parses arguments and calls a builder."""
+"""Entry points for `python -m jobs.<name>` and `ray job submit`. Each parses arguments and calls a builder.
+
+`HelpFormatter` is their argparse formatter. The few modules here that are helpers of the entry points, not entry
+points themselves (`HELPER_MODULES`), say so and exit with status 2 when run (`refuse_to_run`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+ENTRY_POINTS = (
+    "bench",
+    "bench_cache",
+    "bench_pipeline",
+    "build_demo",
+    "build_models",
+    "generate",
+    "soak",
+    "train_draft",
+    "train_policy",
+)
+HELPER_MODULES = ("demo", "prompts", "results")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description (the module docstring) as written, and each option's default after its help text.
+    No default is shown for a flag without a value (store_true), a required option, or a default of None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if (
+            "%(default)" in help_text
+            or action.default is None
+            or action.default is argparse.SUPPRESS
+            or action.nargs == 0
+            or action.required
+        ):
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+
+def refuse_to_run(module: str, what: str) -> None:
+    """What a helper module does when run as `python -m jobs.<name>`: say what it is, name the entry points,
+    exit with status 2."""
+    commands = ", ".join(f"python -m jobs.{name}" for name in ENTRY_POINTS)
+    print(f"{module} is {what}, not an entry point; run one of: {commands}", file=sys.stderr)
+    raise SystemExit(2)

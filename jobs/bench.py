@@ -29,6 +29,7 @@ from demo.build import DEFAULT_DEMO_ROOT
 from engine.draft_head import DraftHead
 from engine.target import TargetModel
 from engine.types import EAGLE_DEFAULT_TREE, TreeParams
+from jobs import HelpFormatter
 from jobs.demo import ensure_demo
 from jobs.prompts import read_prompt_column
 from jobs.results import write_json
@@ -42,14 +43,16 @@ DEFAULT_PROMPTS = "examples/prompts.parquet"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m jobs.bench", description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("--prompts", default=DEFAULT_PROMPTS, help="Parquet file with a prompt column")
-    parser.add_argument("--prompt-column", default="prompt")
+    parser.add_argument(
+        "--prompt-column", default="prompt", help="column of --prompts holding the prompt text"
+    )
     parser.add_argument(
         "--num-prompts", type=int, default=None, help="use the first N prompts (default: all)"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt")
     parser.add_argument("--repeats", type=int, default=1, help="timed passes; tokens/s is the median")
     parser.add_argument(
         "--grid-prompts", type=int, default=24, help="prompts used to grid-search static trees"

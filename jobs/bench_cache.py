@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from actors.context_cache import get_or_create_context_cache
 from actors.lookup_link import LookupLinkClient
+from jobs import HelpFormatter
 from jobs.results import write_json
 from policy.context_index import ContextIndex
 from policy.context_snapshot import FLAT_MAX_ENTRIES
@@ -52,7 +53,7 @@ NAMESPACE = "eagleray-bench"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m jobs.bench_cache", description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("--num-entries", type=int, default=100_000, help="entries to fill the cache with")
     parser.add_argument("--num-queries", type=int, default=2000, help="timed single look-ups (half hits)")
@@ -64,13 +65,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--num-in-process-queries", type=int, default=500, help="timed in-process look-ups per index kind"
     )
     parser.add_argument("--chunk-size", type=int, default=2000, help="rows per insert_batch call")
-    parser.add_argument("--dim", type=int, default=384)
+    parser.add_argument("--dim", type=int, default=384, help="dimensions of the random unit key vectors")
     parser.add_argument(
         "--entries-per-cluster", type=int, default=20, help="entries around each cluster centre"
     )
-    parser.add_argument("--flat-max-entries", type=int, default=FLAT_MAX_ENTRIES)
-    parser.add_argument("--hnsw-ef-search", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--flat-max-entries",
+        type=int,
+        default=FLAT_MAX_ENTRIES,
+        help="entries up to which the cache keeps an exact Flat index; beyond it, HNSW",
+    )
+    parser.add_argument("--hnsw-ef-search", type=int, default=64, help="HNSW search breadth (efSearch)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the entries and the queries")
     parser.add_argument(
         "--skip-in-process", action="store_true", help="skip the in-process Flat/HNSW timings"
     )
@@ -79,7 +85,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for name in ("num_entries", "num_queries", "num_rounds", "chunk_size", "dim", "entries_per_cluster"):
         if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args
 
 

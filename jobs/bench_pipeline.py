@@ -38,6 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from actors.generation import GenerationActor
 from common.config import GenerateConfig
 from demo.build import DEFAULT_DEMO_ROOT
+from jobs import HelpFormatter
 from jobs.demo import ensure_demo
 from jobs.prompts import read_prompt_column
 from jobs.results import write_json
@@ -50,19 +51,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m jobs.bench_pipeline",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument(
         "--prompts", default="examples/prompts.parquet", help="Parquet file with a prompt column"
     )
     parser.add_argument("--num-prompts", type=int, default=200, help="prompts for the throughput methods")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per throughput prompt")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per batch for the pipeline")
     parser.add_argument("--hf-batch-size", type=int, default=16, help="rows per padded batch for HF generate")
     parser.add_argument(
         "--cache-prompts", type=int, default=32, help="distinct prompts of the cache workload"
     )
-    parser.add_argument("--cache-max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--cache-max-new-tokens", type=int, default=64, help="new tokens per prompt of the cache workload"
+    )
     parser.add_argument(
         "--cache-batch-size",
         type=int,
@@ -73,7 +76,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=1, help="timed passes of each method; the median is kept"
     )
-    parser.add_argument("--skip-cache-workload", action="store_true")
+    parser.add_argument("--skip-cache-workload", action="store_true", help="run the throughput methods only")
     parser.add_argument(
         "--shared-cache",
         action="store_true",

@@ -8,15 +8,16 @@ from __future__ import annotations
 import argparse
 
 from demo.build import DEFAULT_DEMO_ROOT, PRESETS, format_report
+from jobs import HelpFormatter
 from jobs.demo import build_all
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m jobs.build_demo", description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument(
-        "--preset", choices=sorted(PRESETS), default="full", help="full (~10 min) or tiny (tests)"
+        "--preset", choices=sorted(PRESETS), default="full", help="full (~10 min) or tiny (for the tests)"
     )
     parser.add_argument("--out", default=DEFAULT_DEMO_ROOT, help="output folder (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")

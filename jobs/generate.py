@@ -4,14 +4,19 @@
 
 Locally it starts a Ray of its own; under `ray job submit --working-dir . -- python -m jobs.generate ...` (or with
 --address) it joins that cluster. Without --model/--draft/--policy it uses the demo models in models/demo/,
-building them first when they are missing. The output folder gets Parquet files with every input column plus
-generated_text, num_input_tokens, num_generated_tokens, num_steps, mean_accepted_tokens, time_taken_llm,
-tree_params and __inference_error__ (null on success), and _stats.json with the job summary. Exit status: 0 when
-the job ran (error rows included), 2 for a bad config or input, which is reported before any work starts.
+building them first when they are missing (a plain local run only: a submitted job, or one that joins a
+cluster, stops with exit status 2 and the command that builds them). The output folder gets Parquet files with
+every input column plus generated_text, num_input_tokens, num_generated_tokens, finish_reason (stop, length or
+context), num_steps, mean_accepted_tokens, time_taken_llm, tree_params and __inference_error__ (null on
+success), and _stats.json with the job summary. Exit status: 0 when the job ran (error rows included), 1 when
+every row in the output is an error row, 2 for a bad config, input or model pairing, which is reported before
+any work starts.
 
 Rerunning the same command with the same --output resumes an interrupted job: rows already in the output are
 not generated again (ids from --id-column, or computed from each row's file and position when the input has
-no such column). --overwrite starts afresh instead.
+no such column). --overwrite starts afresh instead. Ctrl-C stops the job with exit status 130 and one line
+saying how many rows are safely written. A second driver on the same output folder stops with exit status 2
+while the first holds the folder's lock.
 """
 
 from __future__ import annotations
@@ -25,7 +30,10 @@ from pydantic import ValidationError
 
 from common.config import GenerateConfig, describe_validation_error
 from demo.build import DEFAULT_DEMO_ROOT
+from pipeline.checks import check_models
 from pipeline.inputs import InputError, resolve_input
+from pipeline.resume import count_written_rows
+from pipeline.summary import all_rows_failed
 
 DEFAULT_INPUT = "examples/prompts.parquet"
 DEFAULT_OUTPUT = "outputs/generate"
@@ -139,26 +147,48 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
     # Fatal input problems are found before anything is built or started.
     try:
-        resolve_input(config.input, config.prompt_column)
+        inputs = resolve_input(config.input, config.prompt_column)
     except InputError as error:
         print(f"jobs.generate: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.model is None or args.draft is None or args.policy is None:
-        from jobs.demo import ensure_demo
+        from jobs.demo import DemoMissingError, ensure_demo, implicit_build_refusal
 
-        ensure_demo(args.demo_root)
+        try:
+            ensure_demo(args.demo_root, refusal=implicit_build_refusal(config.address))
+        except DemoMissingError as error:
+            print(f"jobs.generate: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
     try:
         check_model_folders(config)
+        check_models(config)  # the draft head and the policy fit the target, before any actor starts
     except ValueError as error:
         print(f"jobs.generate: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     from pipeline.build import run_generate
 
     try:
-        return run_generate(config)
+        summary = run_generate(config)
     except InputError as error:
         print(f"jobs.generate: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt:
+        # Ctrl-C: the complete result files stay (a file cut off mid-write is redone), and the same command
+        # resumes from them.
+        sys.stdout.flush()
+        written = count_written_rows(config.output)
+        print(
+            f"jobs.generate: interrupted; {written} of {inputs.num_rows} rows are safely written in "
+            f"{config.output}; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        raise SystemExit(130) from None
+    failure = all_rows_failed(summary)
+    if failure:
+        sys.stdout.flush()  # the line comes after the printed summary
+        print(f"jobs.generate: {failure}", file=sys.stderr)
+        raise SystemExit(1)
+    return summary
 
 
 if __name__ == "__main__":

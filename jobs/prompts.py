@@ -19,3 +19,9 @@ def read_prompt_column(path: str, column: str = "prompt", limit: int | None = No
     if not prompts:
         raise ValueError(f"{path!r} column {column!r} has no non-empty prompts")
     return prompts[:limit] if limit is not None else prompts
+
+
+if __name__ == "__main__":
+    from jobs import refuse_to_run
+
+    refuse_to_run("jobs.prompts", "the entry points' Parquet prompt reader")

@@ -12,3 +12,9 @@ def write_json(path: str, payload: dict) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    from jobs import refuse_to_run
+
+    refuse_to_run("jobs.results", "the entry points' JSON result writer")

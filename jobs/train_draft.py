@@ -14,6 +14,7 @@ import os
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from engine.types import TreeParams
+from jobs import HelpFormatter
 from jobs.prompts import read_prompt_column
 from training.train_draft import DraftTrainConfig, train_draft_head
 
@@ -21,14 +22,18 @@ from training.train_draft import DraftTrainConfig, train_draft_head
 def main(argv: list[str] | None = None) -> None:
     defaults = DraftTrainConfig()
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m jobs.train_draft", description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("--target", required=True, help="folder of a HF causal LM (save_pretrained layout)")
     parser.add_argument("--prompts", required=True, help="Parquet file with a prompt column")
-    parser.add_argument("--prompt-column", default="prompt")
+    parser.add_argument(
+        "--prompt-column", default="prompt", help="column of --prompts holding the prompt text"
+    )
     parser.add_argument("--out", required=True, help="output folder for the head (official EAGLE layout)")
     parser.add_argument("--eval-fraction", type=float, default=0.1, help="share of prompts held out for tau")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument(
+        "--epochs", type=int, default=defaults.epochs, help="passes over the training prompts"
+    )
     parser.add_argument(
         "--max-new-tokens", type=int, default=defaults.max_new_tokens, help="continuation length"
     )

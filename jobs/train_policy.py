@@ -19,25 +19,35 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from demo.build import DEFAULT_DEMO_ROOT
 from engine.draft_head import DraftHead
 from engine.target import TargetModel
+from jobs import HelpFormatter
 from jobs.prompts import read_prompt_column
 from training.train_policy import PolicyTrainConfig, train_policy
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m jobs.train_policy", description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("--prompts", required=True, help="Parquet file with a prompt column")
-    parser.add_argument("--prompt-column", default="prompt")
+    parser.add_argument(
+        "--prompt-column", default="prompt", help="column of --prompts holding the prompt text"
+    )
     parser.add_argument("--out", required=True, help="output folder for the policy checkpoint")
     parser.add_argument("--model", default=os.path.join(DEFAULT_DEMO_ROOT, "target"), help="target folder")
     parser.add_argument("--draft", default=os.path.join(DEFAULT_DEMO_ROOT, "draft"), help="draft head folder")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=3, help="passes over the prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt and epoch")
     parser.add_argument("--num-prompts", type=int, default=None, help="train on N prompts (default: all)")
     parser.add_argument("--skip-prompts", type=int, default=0, help="hold out the first S prompts")
-    parser.add_argument("--exploration", type=float, default=PolicyTrainConfig.exploration)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--exploration",
+        type=float,
+        default=PolicyTrainConfig.exploration,
+        help="Thompson-sampling scale, in normalised reward units (larger explores more trees)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seeds the bandit's sampling and the prompt order"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = parser.parse_args(argv)
     for name in ("epochs", "max_new_tokens", "num_prompts"):

@@ -38,6 +38,7 @@ from common.columns import ERROR_COLUMN
 from common.config import GenerateConfig
 from pipeline.inputs import InputError, InputFiles, resolve_input, split_uri
 from pipeline.lock import hold_output_lock
+from pipeline.quiet import absorb_actor_restart_warning, draws_bars
 from pipeline.resources import IO_TASK_CPUS, ActorResources, plan_actor_resources
 from pipeline.resume import JOB_NAME, ResumeState, list_result_files, plan_resume
 from pipeline.rows import prepare_batch
@@ -71,7 +72,9 @@ def build_pipeline(
     cache: the shared cache actor's handle, or None; stats_collector: the job's StatsCollector actor handle.
     `actor_kwargs` go to GenerationActor."""
     context = DataContext.get_current()
-    context.enable_progress_bars = config.progress
+    # No bar while the dataset is created outside a terminal (its Parquet sampling bar would be \r fragments);
+    # the run itself shows progress either way: bars in a terminal, log lines elsewhere (`pipeline.quiet`).
+    context.enable_progress_bars = config.progress and draws_bars()
     context.enable_operator_progress_bars = config.progress
     # Ray 2.60's new Parquet reader lists files in a task that always asks for a whole CPU, which a small
     # cluster whose CPUs the actors hold can never grant (the job then waits forever). The files are already
@@ -85,6 +88,7 @@ def build_pipeline(
         override_num_blocks=num_read_blocks(inputs.num_rows, config),
         include_row_hash=resume.generate_ids,
     )
+    dataset.context.enable_progress_bars = config.progress  # the context the run uses, shared downstream
     dataset = dataset.map_batches(
         prepare_batch,
         fn_kwargs={
@@ -194,6 +198,7 @@ def _run_locked(config: GenerateConfig, inputs: InputFiles, **actor_kwargs) -> d
         return read_stats(filesystem, output_path)
     if not ray.is_initialized():
         ray.init(address=config.address, log_to_driver=True)
+    absorb_actor_restart_warning()  # Ray Data's actor pool would log a harmless error (`pipeline.quiet`)
     resources = plan_actor_resources(config, ray.cluster_resources())
     job_id = f"{config.job_name}-{uuid.uuid4().hex[:8]}"
     namespace = config.namespace or f"eagleray-{job_id}"  # a job's own, unless configured to share
@@ -221,7 +226,9 @@ def _run_locked(config: GenerateConfig, inputs: InputFiles, **actor_kwargs) -> d
         print(f"eagleray: deleted {file}, cut off by an earlier run; its rows are generated again")
     started = time.perf_counter()
     started_at = time.time()
-    dataset = build_pipeline(config, inputs, resources, resume, cache, stats_collector, **actor_kwargs)
+    dataset = build_pipeline(
+        config, inputs, resources, resume, cache, stats_collector, run_id=job_id, **actor_kwargs
+    )
     dataset.write_parquet(output_path, filesystem=filesystem, ray_remote_args={"num_cpus": IO_TASK_CPUS})
     wall_seconds = time.perf_counter() - started
     reports = ray.get(stats_collector.reports.remote())

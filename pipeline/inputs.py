@@ -2,8 +2,9 @@
 
 An input is a file, a folder (searched recursively for *.parquet) or a glob, on local disk or at any URI that
 `pyarrow.fs.FileSystem.from_uri` understands (s3://, gs://, hdfs://, file://). Every problem here is fatal and
-raised as `InputError` with a message that names the path or column: the job stops before any work. Row-level
-problems are not this module's business (see `rows.py`).
+raised as `InputError` with a message that names the path or column: the job stops before any work. That
+includes a prompt column whose Arrow type can never hold text (`check_prompt_type`), which would otherwise make
+every row an error row. Row-level problems are not this module's business (see `rows.py`).
 """
 
 from __future__ import annotations
@@ -84,9 +85,35 @@ def _files_under(filesystem: pafs.FileSystem, base: str, location: str) -> list[
     return [info.path for info in infos if info.type == pafs.FileType.File]
 
 
+def is_text_type(kind: pa.DataType) -> bool:
+    """Whether a column of this Arrow type reads as Python str values (or nulls): string, large_string,
+    string_view, a dictionary of those, or null (a column with every row null)."""
+    if pa.types.is_dictionary(kind):
+        return is_text_type(kind.value_type)
+    return (
+        pa.types.is_string(kind)
+        or pa.types.is_large_string(kind)
+        or pa.types.is_string_view(kind)
+        or pa.types.is_null(kind)
+    )
+
+
+def check_prompt_type(path: str, prompt_column: str, kind: pa.DataType) -> None:
+    """InputError unless the prompt column can hold text. A null-typed column passes: each of its rows becomes an
+    error row ("prompt is null"). Binary is refused too: its values are bytes, which no row could use as text."""
+    if is_text_type(kind):
+        return
+    is_binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind) or pa.types.is_binary_view(kind)
+    hint = " (decode it to string first)" if is_binary else ""
+    raise InputError(
+        f"{path!r}: prompt column {prompt_column!r} has Arrow type {kind}, which cannot hold text; the job takes "
+        f"string prompts{hint} (or choose another column with --prompt-column)"
+    )
+
+
 def resolve_input(location: str, prompt_column: str) -> InputFiles:
-    """Resolve and check the input: every file readable as Parquet, each with `prompt_column`, none with a column
-    the job writes (`common.columns.RESERVED_COLUMNS`). Reads only the files' footers."""
+    """Resolve and check the input: every file readable as Parquet, each with `prompt_column` of a text type, none
+    with a column the job writes (`common.columns.RESERVED_COLUMNS`). Reads only the files' footers."""
     filesystem, paths = list_parquet_files(location)
     schema: pa.Schema | None = None
     num_rows = 0
@@ -101,6 +128,7 @@ def resolve_input(location: str, prompt_column: str) -> InputFiles:
                 f"{path!r} has no prompt column {prompt_column!r}; available columns: {file_schema.names} "
                 "(choose one with --prompt-column)"
             )
+        check_prompt_type(path, prompt_column, file_schema.field(prompt_column).type)
         clashes = [name for name in RESERVED_COLUMNS if name in file_schema.names]
         if clashes:
             raise InputError(

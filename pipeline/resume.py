@@ -6,7 +6,9 @@ folder resumes: the ids of the rows in the result files already there are read b
 not among them are generated. A result file is complete or unreadable (Parquet writes its footer last), so a
 file cut off by a killed driver cannot be read; it is deleted and its rows are done again. Other settings
 (actors, batch size, the address) may change between runs; a fingerprint that differs stops the job before any
-work, naming the settings, unless `--overwrite` asks for a fresh start.
+work, naming each setting with its recorded and its new value, unless `--overwrite` asks for a fresh start.
+Locations compare by what they name, not how they are spelled (`canonical_location`): `../x/p.parquet`, its
+absolute path, a path through a symlink and `file:///.../p.parquet` are one input.
 
 Row ids: the input's id column, which must then be unique (checked before any work). Input without it gets one,
 written under the id column's name: a 64-bit hash of the file's path and the row's position in it (Ray Data's
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import posixpath
 from dataclasses import dataclass
 
@@ -29,7 +32,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from common.config import GenerateConfig
-from pipeline.inputs import InputError, InputFiles
+from pipeline.inputs import InputError, InputFiles, split_uri
 
 JOB_NAME = "_job.json"
 ROW_HASH_COLUMN = "row_hash"  # Ray Data's name for the hash read_parquet(include_row_hash=True) adds
@@ -48,6 +51,8 @@ JOB_FINGERPRINT_FIELDS = (
     "temperature",
     "seed",
 )
+# Fingerprint fields that may name files or folders ("policy" may also be a keyword such as 'static').
+LOCATION_FIELDS = ("input", "model", "draft", "policy")
 
 
 @dataclass(frozen=True)
@@ -79,8 +84,40 @@ def is_done(digests: np.ndarray, done_digests: np.ndarray) -> np.ndarray:
     return done_digests[positions] == digests
 
 
+def canonical_location(location: str) -> str:
+    """One spelling for each local file or folder: plain paths and file:// URIs become absolute real paths
+    ('../x/p.parquet' and 'file:///home/me/x/p.parquet' -> '/home/me/x/p.parquet', symlinks resolved; a glob's
+    wildcards are kept). Other URIs (s3://, gs://...) are kept as given, less a trailing '/'."""
+    if "://" in location and not location.startswith("file://"):
+        return location.rstrip("/")
+    _, path = split_uri(location)
+    return os.path.realpath(path)
+
+
+def _canonical_setting(name: str, value):
+    """A fingerprint value in the form that compares: the input's location always; a model, draft or policy
+    folder only when it exists here (a policy keyword, or a name that is no local folder, stays as it is)."""
+    if name == "input" or (name in LOCATION_FIELDS and isinstance(value, str) and os.path.exists(value)):
+        return canonical_location(value)
+    return value
+
+
 def job_fingerprint(config: GenerateConfig) -> dict:
-    return {name: getattr(config, name) for name in JOB_FINGERPRINT_FIELDS}
+    """The settings that decide each row's result, locations in canonical form (`canonical_location`)."""
+    return {name: _canonical_setting(name, getattr(config, name)) for name in JOB_FINGERPRINT_FIELDS}
+
+
+def fingerprint_differences(recorded: dict, current: dict) -> list[str]:
+    """'--name: <recorded> before, <current> now' for each setting of `current` that `recorded` does not match.
+    Recorded locations are put in canonical form too (an older record may hold them as given)."""
+    lines = []
+    for name, value in current.items():
+        before = recorded.get(name)
+        if isinstance(before, str):
+            before = _canonical_setting(name, before)
+        if before != value:
+            lines.append(f"--{name.replace('_', '-')}: {before!r} before, {value!r} now")
+    return lines
 
 
 def check_unique_ids(inputs: InputFiles, id_column: str) -> None:
@@ -127,13 +164,12 @@ def plan_resume(
     if filesystem.get_file_info(job_path).type == pafs.FileType.File:
         with filesystem.open_input_stream(job_path) as stream:
             previous = json.loads(stream.read())
-        changed = sorted(
-            name for name in fingerprint if previous.get("fingerprint", {}).get(name) != fingerprint[name]
-        )
-        if changed:
+        differences = fingerprint_differences(previous.get("fingerprint", {}), fingerprint)
+        if differences:
             raise InputError(
-                f"output {config.output!r} holds a job with other settings ({', '.join(changed)} differ), so it "
-                "cannot be resumed; pass --overwrite to start afresh, or choose another --output"
+                f"output {config.output!r} holds a job with other settings, so it cannot be resumed:\n  "
+                + "\n  ".join(differences)
+                + "\npass --overwrite to start afresh, or choose another --output"
             )
     elif result_files:
         raise InputError(
@@ -160,3 +196,16 @@ def list_result_files(filesystem: pafs.FileSystem, path: str) -> list[str]:
         for entry in filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
         if entry.path.endswith(".parquet")
     )
+
+
+def count_written_rows(location: str) -> int:
+    """Rows in the output folder's complete result files: what a rerun finds done (a file cut off mid-write
+    has no footer, cannot be read, and counts for nothing). Reads only the files' footers."""
+    filesystem, path = split_uri(location)
+    total = 0
+    for file in list_result_files(filesystem, path):
+        try:
+            total += pq.read_metadata(file, filesystem=filesystem).num_rows
+        except (OSError, pa.ArrowException):
+            pass  # cut off, or still being written
+    return total

@@ -1,7 +1,7 @@
 """One job summary from every generation actor's cumulative stats, and its printed form.
 
 The summary adds up what the actors counted and measured (`actors.stats.ActorStats`), and nothing else: rows,
-tokens, steps, tau, generation time, the optimizer's cache levels and decisions (via `OptimizationStats.merge`),
+rows by finish reason, tokens, steps, tau, generation time, the optimizer's cache levels and decisions (via `OptimizationStats.merge`),
 and the prompt-level decision caches (local, shared, cross-actor). The pipeline adds the rows it read and wrote
 and the job's wall time. The summary is plain data: it is printed and written as JSON.
 """
@@ -12,6 +12,7 @@ from dataclasses import asdict, fields
 
 from actors.decisions import DecisionCounters
 from actors.stats import ActorStats, GenerationTotals
+from common.columns import FINISH_REASONS
 from policy.stats import OptimizationStats, format_stats
 
 
@@ -27,6 +28,7 @@ def aggregate_actor_stats(per_actor: dict[str, ActorStats]) -> dict:
         "actor_restarts": len(per_actor) - num_actors,
         **asdict(totals),
     }
+    summary["finish_reasons"] = totals.finish_reasons
     summary["mean_accepted_tokens"] = totals.emitted_in_steps / totals.steps if totals.steps else None
     generation = totals.generation_seconds
     summary["tokens_per_generation_second"] = totals.generated_tokens / generation if generation else None
@@ -76,6 +78,27 @@ def combine_decisions(decisions: list[DecisionCounters]) -> dict:
     return combined
 
 
+def format_finish_reasons(reasons: dict[str, int]) -> str:
+    """The summary's line of the rows this run generated, by finish_reason: '  finished (this run's rows): 3 stop,
+    2 length, 1 context (...)'."""
+    line = "  finished (this run's rows): " + ", ".join(
+        f"{reasons.get(reason, 0)} {reason}" for reason in FINISH_REASONS.values()
+    )
+    if reasons.get("context"):
+        line += " (context: cut off by the model's context before max_new_tokens)"
+    return line
+
+
+def all_rows_failed(summary: dict) -> str | None:
+    """The line to print when every row in the output is an error row (the job produced no text); else None."""
+    rows_out, errors = summary.get("rows_out", 0), summary.get("rows_error_in_output", 0)
+    if rows_out and errors == rows_out:
+        return (
+            f"all {rows_out} rows in the output failed (see their __inference_error__); nothing was generated"
+        )
+    return None
+
+
 def format_summary(summary: dict) -> str:
     """The printed block at the end of a job: `aggregate_actor_stats` plus what `pipeline.build.run_generate`
     adds (rows in and out, ids, wall time, the shared cache actor's stats, the config)."""
@@ -89,6 +112,7 @@ def format_summary(summary: dict) -> str:
         + f", {summary['rows_error_in_output']} with errors"
         + ("" if rows_in == rows_out and not duplicates and not missing else "  ** ROW COUNT MISMATCH **"),
         f"  ids: {summary['unique_ids_out']} unique out, {duplicates} duplicate rows, {missing} missing",
+        format_finish_reasons(summary.get("finish_reasons", {})),
         f"  actors {summary['num_actors']} ({summary['actor_restarts']} restarts), wall {summary['wall_seconds']:.1f} s, "
         f"generated tokens {summary['generated_tokens']}, {summary['tokens_per_wall_second']:.1f} tokens/s of wall time",
     ]

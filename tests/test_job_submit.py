@@ -84,3 +84,28 @@ def test_a_client_without_the_token_is_refused(ray_head):
         [ray_cli, "job", "list", "--address", address], env=env, capture_output=True, text=True, timeout=120
     )
     assert allowed.returncode == 0, allowed.stderr[-2000:]
+
+
+def test_a_submitted_job_without_models_stops_instead_of_building_them(ray_head, tmp_path):
+    """The default --demo-root is relative: under `ray job submit` it points into the uploaded copy of the working
+    dir, which has no models/. The job stops (exit 2 in the driver) and names the build command."""
+    env, ray_cli, address = ray_head
+    input_path = tmp_path / "prompts.parquet"
+    pq.write_table(pa.table({"id": [1], "prompt": ["def f(x):"]}), input_path)
+    command = [ray_cli, "job", "submit", "--address", address, "--working-dir", REPO]
+    command += ["--runtime-env", os.path.join(REPO, "jobs", "generate.yaml"), "--"]
+    command += [
+        "python",
+        "-m",
+        "jobs.generate",
+        "--input",
+        str(input_path),
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420, cwd=REPO)
+    log = finished.stdout + finished.stderr
+    assert finished.returncode != 0, log[-4000:]
+    assert "this job runs under `ray job submit`" in log and "python -m jobs.build_demo --out" in log
+    assert "--demo-root is relative" in log and "building them now" not in log
+    assert not (tmp_path / "out").exists()

@@ -169,7 +169,7 @@ def test_rerun_of_a_finished_job_does_nothing_and_other_settings_need_overwrite(
     assert "nothing to do" in capsys.readouterr().out
     assert again["job_id"] == summary["job_id"]  # the finished run's summary, unchanged
     assert pq.read_table(str(output)).num_rows == table.num_rows
-    with pytest.raises(ValueError, match="max_new_tokens differ.*--overwrite"):
+    with pytest.raises(ValueError, match=r"(?s)--max-new-tokens: \d+ before, 3 now.*--overwrite"):
         run_generate(job_config(tiny_demo, mixed_input, output, max_new_tokens=3))
 
 

@@ -61,7 +61,7 @@ def test_a_fresh_output_gets_a_job_record_and_a_rerun_reads_back_the_finished_id
 
 def test_other_settings_or_foreign_results_stop_the_job(tmp_path):
     plan(tmp_path, [1, 2])
-    with pytest.raises(InputError, match=r"temperature differ.*--overwrite"):
+    with pytest.raises(InputError, match=r"(?s)--temperature: 0\.0 before, 0\.5 now.*--overwrite"):
         plan(tmp_path, [1, 2], temperature=0.5)
     (tmp_path / "out" / JOB_NAME).unlink()
     pq.write_table(pa.table({"id": [1]}), tmp_path / "out" / "other.parquet")
