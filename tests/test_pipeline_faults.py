@@ -144,8 +144,9 @@ def test_a_killed_cache_actor_restarts_from_its_snapshot(local_ray, tiny_demo, t
     job.start()
     cache = wait_for(lambda: cache_of(config), "the cache actor")
     wait_for(lambda: ray.get(cache.stats.remote())["entries"] > 0, "a published decision")
-    ray.get(cache.snapshot.remote())
+    # Count the entries first: the snapshot taken after holds at least these (more may be published between).
     before = ray.get(cache.stats.remote())
+    ray.get(cache.snapshot.remote())
     os.kill(before["pid"], signal.SIGKILL)
     summary = job.result()
     assert_every_id_once(tmp_path / "out", [f"row-{i}" for i in range(24)])
