@@ -8,8 +8,13 @@ prompt-level decision caches in front of the shared cache actor, and the dashboa
       -> engine.generate_batch (batch in, batch out) -> detokenize -> result columns -> publish decisions + stats
 
 The rows come planned: the row stage has already checked each row and written its error, max_new_tokens and
-temperature (`common.columns.PLAN_SCHEMA`); the actor only adds the checks that need the tokenizer (prompt
-length, the model's context). Every input row comes back, with every input column, the plan columns replaced
+temperature (`common.columns.PLAN_SCHEMA`); the actor only adds the checks that need the tokenizer (a chat
+template for messages rows, prompt length, the model's context). A row's prompt ids come from its messages (the
+input's messages column) or its prompt text (one user message) through the tokenizer's chat template with the
+generation prompt appended; without a template (the tokenizer has none, or the job runs with
+--no-chat-template) a prompt is tokenized as raw text, and a messages row is an error row. A templated row
+stops at the target's, the generation config's and the tokenizer's eos tokens (the template's end of turn);
+a raw one at the target config's eos, as plain decoding does. Every input row comes back, with every input column, the plan columns replaced
 by the result columns (`common.columns.RESULT_SCHEMA`). A row that cannot be generated gets
 `__inference_error__` and nulls; the batch goes on. A prompt that fits the context but leaves less room than
 its max_new_tokens is generated until the context is full, and says so: finish_reason "context". Failures to load models are fatal and raise. Ray is touched
@@ -30,6 +35,7 @@ from dataclasses import dataclass, replace
 import pyarrow as pa
 import ray
 import torch
+from jinja2 import TemplateError
 from transformers.utils import logging as transformers_logging
 
 from actors.decisions import PromptController, PromptDecisions
@@ -56,13 +62,26 @@ from policy.optimizer import AdaptiveParameterPredictor, RLInferenceOptimizer
 @dataclass(frozen=True)
 class ActorRow:
     """One row as the actor sees it: tokenized, or the reason it is not generated (then the other fields are
-    what is known: prompt_ids of a prompt too long for the context, and None for an error the row stage found)."""
+    what is known: prompt_ids of a prompt too long for the context, and None for an error the row stage found).
+
+    prompt: the row's text, what prompt-level decisions embed (a messages row: its contents, one per line).
+    eos_token_ids: the tokens that end this row's generation; None: the target config's eos."""
 
     prompt: str | None
     prompt_ids: list[int]
     max_new_tokens: int | None
     temperature: float | None
     error: str | None = None
+    eos_token_ids: tuple[int, ...] | None = None
+
+
+def eos_token_ids(*sources: int | list[int] | None) -> tuple[int, ...]:
+    """The union of eos settings, each an id, a list of ids or None: (2, [2, 7], None) -> (2, 7)."""
+    ids: set[int] = set()
+    for eos in sources:
+        if eos is not None:
+            ids.update([eos] if isinstance(eos, int) else eos)
+    return tuple(sorted(ids))
 
 
 def compact_trees(steps: list[StepStats]) -> str:
@@ -134,6 +153,16 @@ class GenerationActor:
         ).to(self.device)
         self.tokenizer = self.model.get_tokenizer()
         self.context_limit = self.model.target.context_limit
+        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.use_chat_template = self.config.chat_template and self.has_chat_template
+        generation_config = getattr(self.model.target.model, "generation_config", None)
+        # A chat template ends a turn with its own token, often the tokenizer's eos or one of the generation
+        # config's, not always the model config's.
+        self.chat_eos_token_ids = eos_token_ids(
+            self.model.target.config.eos_token_id,
+            getattr(generation_config, "eos_token_id", None),
+            self.tokenizer.eos_token_id,
+        )
         self.optimizer: RLInferenceOptimizer | None = None
         self.controller = self._build_controller()
         self.actor_id = self._actor_id()
@@ -204,6 +233,7 @@ class GenerationActor:
                 # A learned policy and the prompt decisions read each step's measured seconds; on CUDA the
                 # engine times steps only when asked (on the CPU it always does, at no cost).
                 time_steps=True if self.config.policy_kind == "learned" else None,
+                eos_token_ids=rows[index].eos_token_ids,
             )
             for index, controller in zip(todo, controllers, strict=True)
         ]
@@ -238,11 +268,14 @@ class GenerationActor:
         return table
 
     def _row_keys(self, table: pa.Table) -> list[str]:
-        """Per-row keys for sampling seeds: the id column when there is one, else the prompt."""
-        column = (
-            self.config.id_column
-            if self.config.id_column in table.column_names
-            else self.config.prompt_column
+        """Per-row keys for sampling seeds: the id column when there is one, else the prompt (or messages)."""
+        column = next(
+            (
+                name
+                for name in (self.config.id_column, self.config.messages_column)
+                if name in table.column_names
+            ),
+            self.config.prompt_column,
         )
         return [str(value) for value in table.column(column).to_pylist()]
 
@@ -254,7 +287,8 @@ class GenerationActor:
                 f"the batch has no plan column(s) {missing}: GenerationActor takes the rows that the row stage "
                 "(pipeline.rows.validate_rows) planned"
             )
-        prompt_column = self.config.prompt_column
+        is_messages = self.config.messages_column in table.column_names
+        prompt_column = self.config.messages_column if is_messages else self.config.prompt_column
         prompts = (
             table.column(prompt_column).to_pylist()
             if prompt_column in table.column_names
@@ -267,14 +301,46 @@ class GenerationActor:
             table.column(ERROR_COLUMN).to_pylist(),
             strict=True,
         )
-        return [self._tokenize(*plan) for plan in plans]
+        return [self._tokenize(*plan, is_messages=is_messages) for plan in plans]
+
+    def prompt_ids(self, prompt, is_messages: bool) -> tuple[str, list[int], tuple[int, ...] | None]:
+        """(the row's text, its prompt ids, its eos ids) for a prompt, or for a messages value the row stage
+        validated. ValueError when messages meet a tokenizer without a chat template or the template refuses
+        them."""
+        if not self.use_chat_template:
+            if is_messages:
+                raise ValueError(
+                    "messages need a chat template, and the tokenizer of --model has none (give prompts instead)"
+                )
+            return prompt, self.tokenizer(prompt).input_ids, None
+        if is_messages:
+            messages = [{"role": message["role"], "content": message["content"]} for message in prompt]
+            text = "\n".join(message["content"] for message in messages)
+        else:
+            messages, text = [{"role": "user", "content": prompt}], prompt
+        try:
+            ids = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=True, return_dict=False
+            )
+        except TemplateError as error:  # a template may refuse a conversation (e.g. a system message last)
+            raise ValueError(f"the chat template refused the messages: {error}") from error
+        return text, list(ids), self.chat_eos_token_ids
 
     def _tokenize(
-        self, prompt, max_new_tokens: int | None, temperature: float | None, error: str | None
+        self,
+        prompt,
+        max_new_tokens: int | None,
+        temperature: float | None,
+        error: str | None,
+        is_messages: bool = False,
     ) -> ActorRow:
         if error is not None:
             return ActorRow(None, [], max_new_tokens, temperature, error)
-        row = ActorRow(prompt, self.tokenizer(prompt).input_ids, max_new_tokens, temperature)
+        try:
+            text, ids, eos_ids = self.prompt_ids(prompt, is_messages)
+        except ValueError as problem:
+            return ActorRow(None, [], max_new_tokens, temperature, str(problem))
+        row = ActorRow(text, ids, max_new_tokens, temperature, eos_token_ids=eos_ids)
         num_tokens = len(row.prompt_ids)
         cap = self.config.max_prompt_tokens
         if cap is not None and num_tokens > cap:

@@ -9,6 +9,7 @@ import this module.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Callable
@@ -29,8 +30,23 @@ class GenerateConfig(BaseModel):
     input: str = Field(description="Parquet file, folder or glob; local, or any pyarrow filesystem URI")
     output: str = Field(description="output folder for the Parquet results and _stats.json")
     prompt_column: str = Field("prompt", min_length=1, description="input column holding the prompt text")
+    messages_column: str = Field(
+        "messages",
+        min_length=1,
+        description="input column holding chat messages (a list of {role, content}, roles system, user and "
+        "assistant); when the input has this column, every row is generated from it and the prompt column "
+        "is not read",
+    )
+    chat_template: bool = Field(
+        True,
+        description="render each row through the tokenizer's chat template, a prompt as one user message (off, "
+        "or a tokenizer without one: prompts go in as raw text, and messages rows are error rows)",
+    )
     id_column: str = Field("id", min_length=1, description="input column holding a row id")
-    model: str = Field(description="target model folder (any local HF Llama/Qwen2/Qwen3/Mistral causal LM)")
+    model: str = Field(
+        description="target model: a folder (any HF Llama/Qwen2/Qwen3/Mistral causal LM), or a Hugging Face "
+        "model id already in the local HF cache"
+    )
     draft: str = Field(description="EAGLE-1/2 draft head folder for that target")
     policy: str = Field(
         description="tree policy: a trained policy folder, 'static' (always --tree) or 'heuristic'"
@@ -119,8 +135,14 @@ class GenerateConfig(BaseModel):
             raise ValueError(
                 f"max_new_tokens {self.max_new_tokens} is above max_new_tokens_cap {self.max_new_tokens_cap}"
             )
-        if self.prompt_column == self.id_column:
-            raise ValueError(f"prompt_column and id_column are both {self.prompt_column!r}")
+        columns = {
+            "prompt_column": self.prompt_column,
+            "id_column": self.id_column,
+            "messages_column": self.messages_column,
+        }
+        for first, second in itertools.combinations(columns, 2):
+            if columns[first] == columns[second]:
+                raise ValueError(f"{first} and {second} are both {columns[first]!r}")
         return self
 
     @property

@@ -31,6 +31,7 @@ class GenerationRequest:
     timeout_s: if given, the request fails with a GenerationTimeout once it has run this long (checked between
         steps).
     time_steps: whether the steps' StepStats carry draft and verify seconds (see `generate_speculative`).
+    eos_token_ids: the tokens that end this generation; None: the target config's eos_token_id.
     """
 
     prompt_ids: list[int]
@@ -40,6 +41,7 @@ class GenerationRequest:
     seed: int = 0
     timeout_s: float | None = None
     time_steps: bool | None = None
+    eos_token_ids: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,7 @@ def generate_batch(
                 generator=generator,
                 deadline=deadline,
                 time_steps=request.time_steps,
+                eos_token_id=None if request.eos_token_ids is None else list(request.eos_token_ids),
             )
             results.append(RequestResult(output=output))
         except GenerationTimeout as error:

@@ -5,7 +5,11 @@
 Locally it starts a Ray of its own; under `ray job submit --working-dir . -- python -m jobs.generate ...` (or with
 --address) it joins that cluster. Without --model/--draft/--policy it uses the demo models in models/demo/,
 building them first when they are missing (a plain local run only: a submitted job, or one that joins a
-cluster, stops with exit status 2 and the command that builds them). The output folder gets Parquet files with
+cluster, stops with exit status 2 and the command that builds them). --model also takes a Hugging Face model
+id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) that is in the local HF cache; the job never downloads one.
+Rows come from the input's messages column (--messages-column, default messages: a list of {role, content})
+when it has one, else from its prompt column; both go through the tokenizer's chat template, a prompt as one
+user message, unless the tokenizer has none or --no-chat-template is given. The output folder gets Parquet files with
 every input column plus generated_text, num_input_tokens, num_generated_tokens, finish_reason (stop, length or
 context), num_steps, mean_accepted_tokens, time_taken_llm, tree_params and __inference_error__ (null on
 success), and _stats.json with the job summary. Exit status: 0 when the job ran (error rows included), 1 when
@@ -26,6 +30,10 @@ import os
 import sys
 import typing
 
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 from pydantic import ValidationError
 
 from common.config import GenerateConfig, describe_validation_error
@@ -125,8 +133,31 @@ def build_config(args: argparse.Namespace) -> GenerateConfig:
     return GenerateConfig(**values)
 
 
-def check_model_folders(config: GenerateConfig) -> None:
-    """The model, draft and policy folders exist where the driver runs (actors load them from the same paths)."""
+def resolve_model(model: str) -> str:
+    """The folder `--model` names: `model` itself unless it is no folder but a Hugging Face model id, which
+    resolves to its snapshot folder in the local HF cache (HF_HUB_CACHE, or HF_HOME/hub). Never downloads.
+    ValueError, saying how to provide the model, when an id is not cached."""
+    if os.path.isdir(model):
+        return model
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        return model  # a path, not an id: the folder check names it
+    try:
+        return snapshot_download(model, local_files_only=True)
+    except LocalEntryNotFoundError:
+        offline = " (HF_HUB_OFFLINE is set)" if hub_constants.HF_HUB_OFFLINE else ""
+        raise ValueError(
+            f"--model {model!r} is not a folder, nor a Hugging Face model id in the local cache "
+            f"{hub_constants.HF_HUB_CACHE}{offline}; download it first (`hf download {model}`, "
+            "online) or give --model a folder holding its config.json, weights and tokenizer"
+        ) from None
+
+
+def check_model_folders(config: GenerateConfig) -> GenerateConfig:
+    """The model, draft and policy folders exist where the driver runs (actors load them from the same paths).
+    Returns the config with --model as a folder (`resolve_model`)."""
+    config = config.model_copy(update={"model": resolve_model(config.model)})
     folders = {"--model": config.model, "--draft": config.draft}
     if config.policy_kind == "learned":
         folders["--policy"] = config.policy
@@ -135,6 +166,7 @@ def check_model_folders(config: GenerateConfig) -> None:
             raise ValueError(f"{option} {folder!r} is not a folder")
     if not os.path.isfile(os.path.join(config.model, "config.json")):
         raise ValueError(f"--model {config.model!r} has no config.json; is it a Hugging Face model folder?")
+    return config
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -147,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
     # Fatal input problems are found before anything is built or started.
     try:
-        inputs = resolve_input(config.input, config.prompt_column)
+        inputs = resolve_input(config.input, config.prompt_column, config.messages_column)
     except InputError as error:
         print(f"jobs.generate: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -160,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"jobs.generate: {error}", file=sys.stderr)
             raise SystemExit(2) from None
     try:
-        check_model_folders(config)
+        config = check_model_folders(config)
         check_models(config)  # the draft head and the policy fit the target, before any actor starts
     except ValueError as error:
         print(f"jobs.generate: {error}", file=sys.stderr)

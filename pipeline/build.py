@@ -181,7 +181,8 @@ def local_output_path(filesystem: pafs.FileSystem, output_path: str, name: str) 
 def run_generate(config: GenerateConfig, **actor_kwargs) -> dict:
     """Run one job end to end, or resume it, and return its summary (also printed and written to
     <output>/_stats.json). The output folder's lock (`pipeline.lock`) keeps a second driver out meanwhile."""
-    inputs = resolve_input(config.input, config.prompt_column)  # fatal problems surface before Ray starts
+    # Fatal problems surface before Ray starts.
+    inputs = resolve_input(config.input, config.prompt_column, config.messages_column)
     with hold_output_lock(config.output):
         return _run_locked(config, inputs, **actor_kwargs)
 

@@ -3,8 +3,10 @@
 An input is a file, a folder (searched recursively for *.parquet) or a glob, on local disk or at any URI that
 `pyarrow.fs.FileSystem.from_uri` understands (s3://, gs://, hdfs://, file://). Every problem here is fatal and
 raised as `InputError` with a message that names the path or column: the job stops before any work. That
-includes a prompt column whose Arrow type can never hold text (`check_prompt_type`), which would otherwise make
-every row an error row. Row-level problems are not this module's business (see `rows.py`).
+includes an input with neither the messages column nor the prompt column, a prompt column whose Arrow type can
+never hold text (`check_prompt_type`) and a messages column whose type can never hold a list
+(`check_messages_type`), which would otherwise make every row an error row. Row-level problems are not this
+module's business (see `rows.py`).
 """
 
 from __future__ import annotations
@@ -111,9 +113,47 @@ def check_prompt_type(path: str, prompt_column: str, kind: pa.DataType) -> None:
     )
 
 
-def resolve_input(location: str, prompt_column: str) -> InputFiles:
-    """Resolve and check the input: every file readable as Parquet, each with `prompt_column` of a text type, none
-    with a column the job writes (`common.columns.RESERVED_COLUMNS`). Reads only the files' footers."""
+def check_messages_type(path: str, messages_column: str, kind: pa.DataType) -> None:
+    """InputError unless the messages column is a list (of {role, content} structs, as Ray Data LLM takes) or
+    null-typed; the items are checked row by row (`pipeline.rows.messages_error`)."""
+    is_list = (
+        pa.types.is_list(kind)
+        or pa.types.is_large_list(kind)
+        or pa.types.is_fixed_size_list(kind)
+        or pa.types.is_list_view(kind)
+        or pa.types.is_large_list_view(kind)
+    )
+    if is_list or pa.types.is_null(kind):
+        return
+    raise InputError(
+        f"{path!r}: messages column {messages_column!r} has Arrow type {kind}; the job takes a list of "
+        "{role, content} structs there (or choose another column with --messages-column)"
+    )
+
+
+def check_prompt_source(
+    path: str, schema: pa.Schema, prompt_column: str, messages_column: str | None
+) -> None:
+    """The rows' source: the messages column when `schema` has it (and messages_column is given), else the
+    prompt column; InputError when it is missing or of a type that cannot hold prompts."""
+    if messages_column is not None and messages_column in schema.names:
+        check_messages_type(path, messages_column, schema.field(messages_column).type)
+        return
+    if prompt_column not in schema.names:
+        also = "" if messages_column is None else f" and no messages column {messages_column!r}"
+        options = "--prompt-column" if messages_column is None else "--prompt-column or --messages-column"
+        raise InputError(
+            f"{path!r} has no prompt column {prompt_column!r}{also}; available columns: {schema.names} "
+            f"(choose one with {options})"
+        )
+    check_prompt_type(path, prompt_column, schema.field(prompt_column).type)
+
+
+def resolve_input(location: str, prompt_column: str, messages_column: str | None = None) -> InputFiles:
+    """Resolve and check the input: every file readable as Parquet, each with `messages_column` of a list type
+    or else `prompt_column` of a text type (`check_prompt_source`; messages_column None: the prompt column
+    only), none with a column the job writes (`common.columns.RESERVED_COLUMNS`). Reads only the files'
+    footers."""
     filesystem, paths = list_parquet_files(location)
     schema: pa.Schema | None = None
     num_rows = 0
@@ -123,12 +163,7 @@ def resolve_input(location: str, prompt_column: str) -> InputFiles:
         except (OSError, pa.ArrowException) as error:
             raise InputError(f"cannot read {path!r} as Parquet: {error}") from error
         file_schema = metadata.schema.to_arrow_schema()
-        if prompt_column not in file_schema.names:
-            raise InputError(
-                f"{path!r} has no prompt column {prompt_column!r}; available columns: {file_schema.names} "
-                "(choose one with --prompt-column)"
-            )
-        check_prompt_type(path, prompt_column, file_schema.field(prompt_column).type)
+        check_prompt_source(path, file_schema, prompt_column, messages_column)
         clashes = [name for name in RESERVED_COLUMNS if name in file_schema.names]
         if clashes:
             raise InputError(

@@ -40,6 +40,8 @@ ROW_HASH_COLUMN = "row_hash"  # Ray Data's name for the hash read_parquet(includ
 JOB_FINGERPRINT_FIELDS = (
     "input",
     "prompt_column",
+    "messages_column",
+    "chat_template",
     "id_column",
     "model",
     "draft",

@@ -1,7 +1,12 @@
 """Row validation: decide, per row, what to generate or why not, once, before the generation actor.
 
-A row is an error row, with `__inference_error__` naming the problem, when its prompt is null, not a string,
-empty or whitespace, or when its own `max_new_tokens` / `temperature` column holds a value that is negative,
+A row is generated from its chat messages when the input has the messages column (`messages_column`), else
+from its prompt; the choice is the input's, not the row's, so a null messages value is an error even when the
+row has a prompt. A row is an error row, with `__inference_error__` naming the problem, when its prompt is
+null, not a string, empty or whitespace; when its messages value is null, not a list, empty, or holds an item
+that is not a {role, content} mapping, has no role or a role other than system, user or assistant, or has
+content that is missing, not a string, empty or whitespace; when it has messages but the job runs without a
+chat template; or when its own `max_new_tokens` / `temperature` column holds a value that is negative,
 NaN, infinite, not a number, or above the cap. Nothing is clamped. A null in a parameter column means "use the
 job's default". A prompt too long for the model's context is found later, by the actor, once it is tokenized.
 `validate_rows` never drops a row: it returns exactly the rows it was given, in order, with the plan columns
@@ -12,6 +17,7 @@ row stage) leaves out only the rows a previous run of the job already wrote.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,13 +29,15 @@ from pipeline.resume import ROW_HASH_COLUMN, id_digests, is_done
 
 MAX_NEW_TOKENS_COLUMN = "max_new_tokens"
 TEMPERATURE_COLUMN = "temperature"
+MESSAGE_ROLES = ("system", "user", "assistant")
 
 
 @dataclass(frozen=True)
 class RowPlan:
-    """What to do with one row: generate `prompt` with these settings, or report `error`."""
+    """What to do with one row: generate `prompt` (its text, or its list of messages) with these settings, or
+    report `error`."""
 
-    prompt: str | None
+    prompt: str | list | None
     max_new_tokens: int
     temperature: float
     error: str | None = None
@@ -68,16 +76,53 @@ def _temperature(value, config: GenerateConfig) -> tuple[float, str | None]:
     return float(value), None
 
 
-def plan_row(prompt, max_new_tokens, temperature, config: GenerateConfig) -> RowPlan:
-    """Check one row's prompt and parameters (the values as Python objects, None for null)."""
+def prompt_error(prompt) -> str | None:
+    """Why a prompt value cannot be generated, or None when it can."""
     if prompt is None:
-        error = "prompt is null"
-    elif not isinstance(prompt, str):
-        error = f"prompt must be text, got {type(prompt).__name__}"
-    elif not prompt.strip():
-        error = "prompt is empty or whitespace" if prompt else "prompt is empty"
-    else:
-        error = None
+        return "prompt is null"
+    if not isinstance(prompt, str):
+        return f"prompt must be text, got {type(prompt).__name__}"
+    if not prompt.strip():
+        return "prompt is empty or whitespace" if prompt else "prompt is empty"
+    return None
+
+
+def messages_error(messages, config: GenerateConfig) -> str | None:
+    """Why a messages value cannot be generated, or None when it can. A valid value is a non-empty list of
+    mappings, each with a `role` in MESSAGE_ROLES and non-blank string `content` (other keys are ignored),
+    e.g. [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]."""
+    if not config.chat_template:
+        return "messages need a chat template; the job runs with --no-chat-template (give prompts instead)"
+    if messages is None:
+        return "messages is null"
+    if not isinstance(messages, list | tuple):
+        return f"messages must be a list of {{role, content}} messages, got {type(messages).__name__}"
+    if not messages:
+        return "messages is empty"
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, Mapping):
+            return f"{where} must be a {{role, content}} mapping, got {type(message).__name__}"
+        role, content = message.get("role"), message.get("content")
+        if role is None:
+            return f"{where} has no role"
+        if role not in MESSAGE_ROLES:
+            return f"{where} has unknown role {role!r}; allowed: {', '.join(MESSAGE_ROLES)}"
+        if content is None:
+            return f"{where} has no content"
+        if not isinstance(content, str):
+            return f"{where} content must be text, got {type(content).__name__}"
+        if not content.strip():
+            return f"{where} content is empty or whitespace" if content else f"{where} content is empty"
+    return None
+
+
+def plan_row(
+    prompt, max_new_tokens, temperature, config: GenerateConfig, *, is_messages: bool = False
+) -> RowPlan:
+    """Check one row's prompt (its messages when is_messages) and parameters (the values as Python objects,
+    None for null)."""
+    error = messages_error(prompt, config) if is_messages else prompt_error(prompt)
     tokens, tokens_error = _max_new_tokens(max_new_tokens, config)
     temp, temperature_error = _temperature(temperature, config)
     problems = [problem for problem in (error, tokens_error, temperature_error) if problem]
@@ -91,14 +136,16 @@ def _column(table: pa.Table, name: str) -> list:
 
 
 def plan_rows(table: pa.Table, config: GenerateConfig) -> list[RowPlan]:
-    """One RowPlan per row of `table`, in order. A row that already carries an error keeps it."""
-    prompts = _column(table, config.prompt_column)
+    """One RowPlan per row of `table`, in order, from its messages when the table has the messages column, else
+    from its prompt. A row that already carries an error keeps it."""
+    is_messages = config.messages_column in table.column_names
+    prompts = _column(table, config.messages_column if is_messages else config.prompt_column)
     tokens = _column(table, MAX_NEW_TOKENS_COLUMN)
     temperatures = _column(table, TEMPERATURE_COLUMN)
     errors = _column(table, ERROR_COLUMN)
     plans = []
     for prompt, max_new_tokens, temperature, error in zip(prompts, tokens, temperatures, errors, strict=True):
-        plan = plan_row(prompt, max_new_tokens, temperature, config)
+        plan = plan_row(prompt, max_new_tokens, temperature, config, is_messages=is_messages)
         if error is not None:
             plan = RowPlan(None, plan.max_new_tokens, plan.temperature, error)
         plans.append(plan)

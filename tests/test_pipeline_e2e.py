@@ -213,3 +213,45 @@ def test_jobs_read_each_others_cache_entries_only_when_given_one_namespace(
     assert third["namespace"] == fourth["namespace"] == shared
     assert fourth["prompt_decisions"]["shared_hits"] == 3
     ray.kill(cache)
+
+
+def test_messages_rows_through_the_job_are_templated_and_checked(
+    local_ray, tiny_demo, demo_prompts, tmp_path
+):
+    """A messages input on a target with a chat template: good rows equal plain greedy decoding of the templated
+    ids, a malformed row names its problem, and the input's prompt column is not read."""
+    import shutil
+
+    import torch
+
+    target = tmp_path / "target"
+    shutil.copytree(demo_paths(tiny_demo)["target"], target)
+    (target / "chat_template.jinja").write_text(
+        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
+    conversations = [
+        [{"role": "user", "content": demo_prompts[0]}],
+        [{"role": "system", "content": "Write code."}, {"role": "user", "content": demo_prompts[1]}],
+        [{"role": "narrator", "content": demo_prompts[2]}],
+    ]
+    kind = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+    table = pa.table({"id": [1, 2, 3], "prompt": [None] * 3, "messages": pa.array(conversations, type=kind)})
+    pq.write_table(table, tmp_path / "chat.parquet")
+    input_path = str(tmp_path / "chat.parquet")
+    run_generate(
+        job_config(
+            tiny_demo, input_path, tmp_path / "out", model=str(target), policy="static", shared_cache=False
+        )
+    )
+    rows = {row["id"]: row for row in pq.read_table(str(tmp_path / "out")).to_pylist()}
+    assert sorted(rows) == [1, 2, 3]
+    assert rows[3]["__inference_error__"].startswith("messages[0] has unknown role 'narrator'")
+    model = EaModel.from_pretrained(base_model_path=str(target), ea_model_path=demo_paths(tiny_demo)["draft"])
+    tokenizer = model.get_tokenizer()
+    for row_id, messages in [(1, conversations[0]), (2, conversations[1])]:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
+        new_ids = model.naivegenerate(torch.tensor([ids]), max_new_tokens=MAX_NEW_TOKENS)[0, len(ids) :]
+        assert rows[row_id]["__inference_error__"] is None
+        assert rows[row_id]["num_input_tokens"] == len(ids)
+        assert rows[row_id]["generated_text"] == tokenizer.decode(new_ids, skip_special_tokens=True)
