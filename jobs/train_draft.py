@@ -42,6 +42,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--eval-tree", default=defaults.eval_tree.compact, help="total/depth/top_k for tau")
     parser.add_argument(
+        "--draft-vocab-size",
+        type=int,
+        default=None,
+        help="train and draft over the N most frequent tokens of the training data (default: the whole "
+        "vocabulary)",
+    )
+    parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow the target's own modelling code"
     )
     args = parser.parse_args(argv)
@@ -49,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
     if not os.path.isdir(args.target):
         parser.error(f"--target {args.target!r} is not a folder")
+    if args.draft_vocab_size is not None and args.draft_vocab_size < 1:
+        parser.error(f"--draft-vocab-size must be >= 1, got {args.draft_vocab_size}")
 
     texts = read_prompt_column(args.prompts, args.prompt_column)
     num_eval = int(len(texts) * args.eval_fraction)
@@ -63,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         max_new_tokens=args.max_new_tokens,
         time_budget_s=args.time_budget,
         eval_tree=TreeParams.parse(args.eval_tree),
+        draft_vocab_size=args.draft_vocab_size,
     )
     _, report = train_draft_head(model, train_ids, eval_ids, args.out, config)
     summary = {k: v for k, v in report.to_dict().items() if k != "losses"}

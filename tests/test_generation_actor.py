@@ -172,13 +172,14 @@ def test_row_limits_give_named_errors_and_spare_the_other_rows(actor_config, tin
             # The generation starts after its deadline has passed: it stops before its first step.
             import time
 
-            time.sleep(0.3)
+            time.sleep(1.2)
 
-    actor = GenerationActor({**config, "row_timeout_s": 0.2}, before_request=slow_third)
+    # 1 s: well above what 40 tokens take on the tiny demo, so only the slowed row runs past it.
+    actor = GenerationActor({**config, "row_timeout_s": 1.0}, before_request=slow_third)
     prompts = ["def f(x):", "x " * 40, "import os"]
     out = actor(validate_rows(pa.table({"id": [1, 2, 3], "prompt": prompts}), GenerateConfig(**config)))
     errors = out.column(ERROR_COLUMN).to_pylist()
     assert errors[0] is None
     assert "above max_prompt_tokens=6" in errors[1]
-    assert errors[2].startswith("GenerationTimeout: over the 0.2 s limit")
+    assert errors[2].startswith("GenerationTimeout: over the 1 s limit")
     assert out.column("generated_text").to_pylist()[0] is not None
