@@ -40,6 +40,7 @@ from common.config import GenerateConfig, describe_validation_error
 from demo.build import DEFAULT_DEMO_ROOT
 from pipeline.checks import check_models
 from pipeline.inputs import InputError, resolve_input
+from pipeline.resources import ResourceError
 from pipeline.resume import count_written_rows
 from pipeline.summary import all_rows_failed
 
@@ -201,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     try:
         summary = run_generate(config)
-    except InputError as error:
+    except (InputError, ResourceError) as error:
         print(f"jobs.generate: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

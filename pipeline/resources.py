@@ -24,16 +24,20 @@ class ActorResources:
     num_gpus: float
 
 
+class ResourceError(ValueError):
+    """The cluster cannot hold the actors the job asks for (a job-level error, found before any actor starts)."""
+
+
 def plan_actor_resources(config: GenerateConfig, cluster: dict[str, float]) -> ActorResources:
     """Per-actor CPUs and GPUs for `config.num_actors` actors on a cluster with `cluster` resources
-    (`ray.cluster_resources()`); a ValueError when they cannot all fit."""
+    (`ray.cluster_resources()`); a ResourceError when they cannot all fit."""
     total_cpus = float(cluster.get("CPU", 0.0))
     total_gpus = float(cluster.get("GPU", 0.0))
     num_gpus = config.num_gpus_per_actor
     if num_gpus is None:
         num_gpus = 1.0 if total_gpus >= 1 else 0.0
     if num_gpus * config.num_actors > total_gpus + 1e-9:
-        raise ValueError(
+        raise ResourceError(
             f"{config.num_actors} actors x {num_gpus} GPUs need {num_gpus * config.num_actors} GPUs; the cluster "
             f"has {total_gpus:g} (lower --num-actors)"
         )
@@ -45,7 +49,7 @@ def plan_actor_resources(config: GenerateConfig, cluster: dict[str, float]) -> A
             num_cpus = min(num_cpus, MAX_CPUS_PER_GPU_ACTOR)
         num_cpus = round(num_cpus, 2)
     if num_cpus <= 0 or num_cpus * config.num_actors > total_cpus + 1e-9:
-        raise ValueError(
+        raise ResourceError(
             f"{config.num_actors} actors need {num_cpus:g} CPUs each; the cluster has {total_cpus:g} CPUs "
             "(lower --num-actors)"
         )

@@ -257,3 +257,30 @@ def test_a_job_joining_a_cluster_does_not_build_but_a_local_run_does(tmp_path, t
     monkeypatch.setattr(demo, "build_all", build_all)
     with pytest.raises(Built, match=root):  # a plain local run builds what is missing
         demo.ensure_demo(root, refusal=None)
+
+
+# ---- a cluster too small for the actors asked for ----------------------------------------------------------
+
+
+def test_more_actors_than_the_cluster_holds_is_one_line_and_exit_2(
+    tmp_path, prompts_file, tiny_demo, capsys, monkeypatch
+):
+    import pipeline.build
+    from pipeline.resources import ResourceError, plan_actor_resources
+
+    def too_small(config):  # what run_generate meets once Ray is up: the real planner on a 2-CPU cluster
+        plan_actor_resources(config, {"CPU": 2.0})
+
+    monkeypatch.setattr(pipeline.build, "run_generate", too_small)
+    paths = demo_paths(tiny_demo)
+    argv = ["--input", prompts_file, "--output", str(tmp_path / "out"), "--model", paths["target"]]
+    argv += ["--draft", paths["draft"], "--policy", "static", "--num-actors", "8", "--cpus-per-actor", "1"]
+    status, err = run_main(argv, capsys)
+    assert status == 2 and len(err.strip().splitlines()) == 1
+    assert "8 actors need" in err and "lower --num-actors" in err
+    with pytest.raises(ResourceError):
+        too_small(
+            GenerateConfig(
+                input="x", output="y", model="m", draft="d", policy="static", num_actors=8, cpus_per_actor=1.0
+            )
+        )
