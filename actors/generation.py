@@ -51,6 +51,7 @@ from common.columns import (
 )
 from common.config import GenerateConfig
 from engine.batch import GenerationRequest, RequestResult, generate_batch
+from engine.chat import chat_eos_token_ids, chat_ids, has_chat_template
 from engine.ea_model import EaModel
 from engine.types import GenerationOutput, SamplingParams, StaticController, StepStats
 from policy.actions import DEFAULT_ACTIONS
@@ -73,15 +74,6 @@ class ActorRow:
     temperature: float | None
     error: str | None = None
     eos_token_ids: tuple[int, ...] | None = None
-
-
-def eos_token_ids(*sources: int | list[int] | None) -> tuple[int, ...]:
-    """The union of eos settings, each an id, a list of ids or None: (2, [2, 7], None) -> (2, 7)."""
-    ids: set[int] = set()
-    for eos in sources:
-        if eos is not None:
-            ids.update([eos] if isinstance(eos, int) else eos)
-    return tuple(sorted(ids))
 
 
 def compact_trees(steps: list[StepStats]) -> str:
@@ -153,16 +145,11 @@ class GenerationActor:
         ).to(self.device)
         self.tokenizer = self.model.get_tokenizer()
         self.context_limit = self.model.target.context_limit
-        self.has_chat_template = bool(getattr(self.tokenizer, "chat_template", None))
+        self.has_chat_template = has_chat_template(self.tokenizer)
         self.use_chat_template = self.config.chat_template and self.has_chat_template
-        generation_config = getattr(self.model.target.model, "generation_config", None)
         # A chat template ends a turn with its own token, often the tokenizer's eos or one of the generation
         # config's, not always the model config's.
-        self.chat_eos_token_ids = eos_token_ids(
-            self.model.target.config.eos_token_id,
-            getattr(generation_config, "eos_token_id", None),
-            self.tokenizer.eos_token_id,
-        )
+        self.chat_eos_token_ids = chat_eos_token_ids(self.model.target.model, self.tokenizer)
         self.optimizer: RLInferenceOptimizer | None = None
         self.controller = self._build_controller()
         self.actor_id = self._actor_id()
@@ -319,9 +306,7 @@ class GenerationActor:
         else:
             messages, text = [{"role": "user", "content": prompt}], prompt
         try:
-            ids = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=True, return_dict=False
-            )
+            ids = chat_ids(self.tokenizer, messages)
         except TemplateError as error:  # a template may refuse a conversation (e.g. a system message last)
             raise ValueError(f"the chat template refused the messages: {error}") from error
         return text, list(ids), self.chat_eos_token_ids

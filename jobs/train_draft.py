@@ -1,8 +1,13 @@
-"""Train an EAGLE-1/2 draft head for any supported target on the target's own continuations.
+"""Train an EAGLE-1/2 draft head for any supported target.
 
     python -m jobs.train_draft --target PATH --prompts PARQUET --out DIR
+    python -m jobs.train_draft --target models/smollm2/target --sharegpt 2000 --out models/smollm2/draft
 
-The last --eval-fraction of the prompts is held out to report acceptance (tau) after training.
+With --prompts, the target continues each prompt and the head learns from that text; the last --eval-fraction of
+the prompts is held out to report acceptance (tau). With --sharegpt N, the data are the first exchanges of N
+ShareGPT conversations of the train split, chat-templated: either continued by the target (--responses target)
+or with ShareGPT's own answers (--responses dataset); tau is then measured on --eval-prompts, held-out prompts
+that no training read.
 """
 
 from __future__ import annotations
@@ -13,32 +18,77 @@ import os
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from assets.draft_data import (
+    RESPONSE_SOURCES,
+    first_exchanges,
+    first_turn_prompts,
+    load_sequences,
+    save_sequences,
+)
+from engine.chat import chat_eos_token_ids, prompt_ids
 from engine.types import TreeParams
 from jobs import HelpFormatter
 from jobs.prompts import read_prompt_column
-from training.train_draft import DraftTrainConfig, train_draft_head
+from training.train_draft import DraftTrainConfig, target_continuations, train_draft_head
+
+DEFAULT_EVAL_PROMPTS = "examples/chat_prompts.parquet"
+SHAREGPT_MAX_PROMPT_TOKENS = 256  # longer first turns are skipped, not cut (a cut loses the template header)
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     defaults = DraftTrainConfig()
     parser = argparse.ArgumentParser(
         prog="python -m jobs.train_draft", description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("--target", required=True, help="folder of a HF causal LM (save_pretrained layout)")
-    parser.add_argument("--prompts", required=True, help="Parquet file with a prompt column")
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--prompts", help="Parquet file with a prompt column, continued by the target")
+    data.add_argument(
+        "--sharegpt", type=int, metavar="N", help="use N first exchanges of ShareGPT's train split"
+    )
     parser.add_argument(
         "--prompt-column", default="prompt", help="column of --prompts holding the prompt text"
     )
     parser.add_argument("--out", required=True, help="output folder for the head (official EAGLE layout)")
-    parser.add_argument("--eval-fraction", type=float, default=0.1, help="share of prompts held out for tau")
     parser.add_argument(
-        "--epochs", type=int, default=defaults.epochs, help="passes over the training prompts"
+        "--responses",
+        choices=RESPONSE_SOURCES,
+        default="target",
+        help="with --sharegpt: the target's own greedy answers, or ShareGPT's answers",
     )
+    parser.add_argument(
+        "--data-cache",
+        default=None,
+        help="with --sharegpt: JSON file keeping the training sequences between runs (reused when made with the "
+        "same settings)",
+    )
+    parser.add_argument(
+        "--eval-fraction", type=float, default=0.1, help="with --prompts: share held out for tau"
+    )
+    parser.add_argument(
+        "--eval-prompts", default=DEFAULT_EVAL_PROMPTS, help="with --sharegpt: held-out prompts for tau"
+    )
+    parser.add_argument("--num-eval", type=int, default=20, help="with --sharegpt: how many --eval-prompts")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs, help="passes over the training data")
     parser.add_argument(
         "--max-new-tokens", type=int, default=defaults.max_new_tokens, help="continuation length"
     )
     parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=384,
+        help="with --responses dataset: cut each exchange to this length",
+    )
+    parser.add_argument(
         "--time-budget", type=float, default=None, help="stop training after this many seconds"
+    )
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="peak AdamW rate")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="sequences per step")
+    parser.add_argument(
+        "--token-loss-weight",
+        type=float,
+        default=defaults.token_loss_weight,
+        help="weight of the distillation loss against the feature loss's 1.0",
     )
     parser.add_argument("--eval-tree", default=defaults.eval_tree.compact, help="total/depth/top_k for tau")
     parser.add_argument(
@@ -51,6 +101,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow the target's own modelling code"
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = _parser()
     args = parser.parse_args(argv)
     if not 0.0 <= args.eval_fraction < 1.0:
         parser.error(f"--eval-fraction must be in [0, 1), got {args.eval_fraction}")
@@ -58,27 +113,78 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--target {args.target!r} is not a folder")
     if args.draft_vocab_size is not None and args.draft_vocab_size < 1:
         parser.error(f"--draft-vocab-size must be >= 1, got {args.draft_vocab_size}")
+    if args.sharegpt is not None and args.sharegpt < 1:
+        parser.error(f"--sharegpt must be >= 1, got {args.sharegpt}")
+    try:
+        eval_tree = TreeParams.parse(args.eval_tree)
+        eval_texts = read_prompt_column(args.eval_prompts, "prompt", args.num_eval) if args.sharegpt else None
+        texts = read_prompt_column(args.prompts, args.prompt_column) if args.prompts else None
+    except ValueError as error:
+        parser.error(str(error))
 
-    texts = read_prompt_column(args.prompts, args.prompt_column)
-    num_eval = int(len(texts) * args.eval_fraction)
     tokenizer = AutoTokenizer.from_pretrained(args.target, trust_remote_code=args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         args.target, attn_implementation="sdpa", trust_remote_code=args.trust_remote_code
     ).eval()
-    ids = [tokenizer(text).input_ids for text in texts]
-    train_ids, eval_ids = ids[: len(ids) - num_eval], ids[len(ids) - num_eval :]
     config = DraftTrainConfig(
         epochs=args.epochs,
         max_new_tokens=args.max_new_tokens,
         time_budget_s=args.time_budget,
-        eval_tree=TreeParams.parse(args.eval_tree),
+        eval_tree=eval_tree,
         draft_vocab_size=args.draft_vocab_size,
+        learning_rate=args.learning_rate,
+        batch_size=args.batch_size,
+        token_loss_weight=args.token_loss_weight,
+        max_prompt_tokens=SHAREGPT_MAX_PROMPT_TOKENS
+        if args.sharegpt
+        else DraftTrainConfig().max_prompt_tokens,
     )
-    _, report = train_draft_head(model, train_ids, eval_ids, args.out, config)
+    eos_ids = chat_eos_token_ids(model, tokenizer)
+    sequences = None
+    if args.sharegpt:
+        train_ids, eval_ids = [], [prompt_ids(tokenizer, text) for text in eval_texts]
+        sequences = _sharegpt_sequences(args, tokenizer, model, config, eos_ids)
+    else:
+        num_eval = int(len(texts) * args.eval_fraction)
+        ids = [tokenizer(text).input_ids for text in texts]
+        train_ids, eval_ids = ids[: len(ids) - num_eval], ids[len(ids) - num_eval :]
+    _, report = train_draft_head(
+        model, train_ids, eval_ids, args.out, config, sequences=sequences, eos_token_ids=eos_ids
+    )
     summary = {k: v for k, v in report.to_dict().items() if k != "losses"}
+    summary["responses"] = args.responses if args.sharegpt else "target"
     with open(os.path.join(args.out, "training_report.json"), "w") as f:
-        json.dump(report.to_dict(), f, indent=2)
+        json.dump({**report.to_dict(), **summary, "command": argv_text(argv)}, f, indent=2)
     print(json.dumps(summary, indent=2))
+
+
+def _sharegpt_sequences(args, tokenizer, model, config: DraftTrainConfig, eos_ids) -> list[list[int]]:
+    meta = {
+        "target": os.path.abspath(args.target),
+        "sharegpt": args.sharegpt,
+        "responses": args.responses,
+        "max_tokens": args.max_tokens if args.responses == "dataset" else None,
+        "max_new_tokens": config.max_new_tokens if args.responses == "target" else None,
+    }
+    cached = load_sequences(args.data_cache, meta) if args.data_cache else None
+    if cached is not None:
+        print(f"jobs.train_draft: {len(cached)} training sequences from {args.data_cache}")
+        return cached
+    if args.responses == "dataset":
+        sequences = first_exchanges(tokenizer, args.sharegpt, args.max_tokens)
+    else:
+        prompts = first_turn_prompts(tokenizer, args.sharegpt, config.max_prompt_tokens)
+        sequences = target_continuations(model, prompts, config, eos_ids)
+    if args.data_cache:
+        save_sequences(sequences, args.data_cache, meta)
+    return sequences
+
+
+def argv_text(argv: list[str] | None) -> str:
+    import shlex
+    import sys
+
+    return "python -m jobs.train_draft " + shlex.join(sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ def test_grid_search_interleaves_trees_prompt_by_prompt(monkeypatch):
     class Output:
         num_new_tokens = 4
 
-    def fake_generate(target, head, prompt, controller, max_new_tokens):
+    def fake_generate(target, head, prompt, controller, max_new_tokens, eos_token_id=None):
         calls.append((prompt[0], controller.decide(None).compact))
         return Output()
 

@@ -16,10 +16,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from actors.generation import GenerationActor, eos_token_ids
+from actors.generation import GenerationActor
 from common.columns import ERROR_COLUMN
 from common.config import GenerateConfig
 from demo.build import demo_paths
+from engine.chat import eos_token_ids
 from jobs import generate
 from pipeline.inputs import InputError, resolve_input
 from pipeline.rows import plan_row, validate_rows

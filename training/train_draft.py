@@ -29,6 +29,8 @@ from engine.generate import generate_speculative
 from engine.target import TargetModel
 from engine.types import StaticController, TreeParams
 
+PACE_STEPS = 10  # steps timed to fit the learning-rate schedule to a time budget
+
 
 @dataclass(frozen=True)
 class DraftTrainConfig:
@@ -68,41 +70,70 @@ class DraftTrainReport:
 
 
 @torch.inference_mode()
-def collect_features(
-    model: PreTrainedModel, prompts: list[list[int]], config: DraftTrainConfig, progress: bool = True
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Greedy continuations plus features: a list of (token_ids [T], features [T, H]) on the CPU."""
-    target = TargetModel(model)
+def target_continuations(
+    model: PreTrainedModel,
+    prompts: list[list[int]],
+    config: DraftTrainConfig,
+    eos_token_ids: tuple[int, ...] = (),
+    progress: bool = True,
+) -> list[list[int]]:
+    """Each prompt (cut to its last `max_prompt_tokens`) followed by the target's greedy continuation, which ends
+    after the first end token (`eos_token_ids`, or the model's eos). Prompts are batched by length so little is
+    padded; the result keeps the order of `prompts`."""
     pad_id = model.config.pad_token_id
     pad_id = pad_id if pad_id is not None else 0
+    stops = set(eos_token_ids) or _eos_ids(model)
     prompts = [p[-config.max_prompt_tokens :] for p in prompts if len(p) > 0]
-    sequences: list[list[int]] = []
-    batches = range(0, len(prompts), config.generation_batch_size)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    sequences: list[list[int] | None] = [None] * len(prompts)
+    device = model.device
+    batches = range(0, len(order), config.generation_batch_size)
     for start in tqdm(batches, desc="draft data: target continuations", disable=not progress):
-        batch = prompts[start : start + config.generation_batch_size]
+        rows = order[start : start + config.generation_batch_size]
+        batch = [prompts[i] for i in rows]
         width = max(len(p) for p in batch)
-        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=target.device)
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=target.device)
+        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch], device=device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=device)
         out = model.generate(
             input_ids=input_ids,
             attention_mask=attention,
             max_new_tokens=config.max_new_tokens,
             do_sample=False,
             pad_token_id=pad_id,
+            eos_token_id=sorted(stops) if stops else None,
         )
-        for row, prompt in enumerate(batch):
-            continuation = out[row, width:].tolist()
-            eos = model.config.eos_token_id
-            if eos is not None and eos in continuation:
-                continuation = continuation[: continuation.index(eos) + 1]
-            sequences.append(prompt + continuation)
+        for position, (row, prompt) in enumerate(zip(rows, batch, strict=True)):
+            continuation = out[position, width:].tolist()
+            end = next((j for j, token in enumerate(continuation) if token in stops), None)
+            sequences[row] = prompt + (continuation if end is None else continuation[: end + 1])
+    return sequences
 
+
+def _eos_ids(model: PreTrainedModel) -> set[int]:
+    eos = model.config.eos_token_id
+    return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+
+
+@torch.inference_mode()
+def sequence_features(
+    model: PreTrainedModel, sequences: list[list[int]], progress: bool = True
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One forward pass per sequence: (token_ids [T], features [T, H]) on the CPU, the target's post-norm last
+    hidden states."""
+    target = TargetModel(model)
     examples = []
     for sequence in tqdm(sequences, desc="draft data: target features", disable=not progress):
         ids = torch.tensor([sequence], device=target.device)
         features = target.backbone(input_ids=ids).last_hidden_state[0]
         examples.append((ids[0].cpu(), features.float().cpu()))
     return examples
+
+
+def collect_features(
+    model: PreTrainedModel, prompts: list[list[int]], config: DraftTrainConfig, progress: bool = True
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Greedy continuations plus features: a list of (token_ids [T], features [T, H]) on the CPU."""
+    return sequence_features(model, target_continuations(model, prompts, config, progress=progress), progress)
 
 
 def choose_draft_vocab(
@@ -189,11 +220,14 @@ def train_head(
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0, betas=(0.9, 0.95))
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
+    # With a time budget, the cosine decay is fitted to the steps the budget allows (estimated from the first
+    # steps' pace), so a budgeted run still ends at the low learning rate instead of being cut off at a high one.
+    planned = {"steps": total_steps}
 
     def schedule(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
-        progress_fraction = (step - config.warmup_steps) / max(1, total_steps - config.warmup_steps)
+        progress_fraction = (step - config.warmup_steps) / max(1, planned["steps"] - config.warmup_steps)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_fraction)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -210,6 +244,10 @@ def train_head(
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
+            if config.time_budget_s is not None and len(losses) == PACE_STEPS:
+                pace = (time.perf_counter() - started) / PACE_STEPS
+                planned["steps"] = min(total_steps, max(PACE_STEPS + 1, int(config.time_budget_s / pace)))
+                bar.total = planned["steps"]
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
             if config.time_budget_s is not None and time.perf_counter() - started > config.time_budget_s:
@@ -242,8 +280,9 @@ def evaluate_head(
     prompts: list[list[int]],
     config: DraftTrainConfig,
     progress: bool = True,
+    eos_token_ids: tuple[int, ...] = (),
 ) -> float:
-    """Mean tokens per step (tau) of greedy speculative decoding over `prompts`."""
+    """Mean tokens per step (tau) of greedy speculative decoding over `prompts`, each stopping at an end token."""
     target = TargetModel(model)
     emitted = steps = 0
     for prompt in tqdm(prompts, desc="draft head: held-out acceptance", disable=not progress):
@@ -253,6 +292,7 @@ def evaluate_head(
             prompt[-config.max_prompt_tokens :],
             StaticController(config.eval_tree),
             max_new_tokens=config.eval_max_new_tokens,
+            eos_token_id=list(eos_token_ids) or None,
         )
         emitted += sum(s.num_emitted for s in out.steps)
         steps += len(out.steps)
@@ -266,17 +306,28 @@ def train_draft_head(
     out_dir: str | None,
     config: DraftTrainConfig = DraftTrainConfig(),
     progress: bool = True,
+    sequences: list[list[int]] | None = None,
+    eos_token_ids: tuple[int, ...] = (),
 ) -> tuple[DraftHead, DraftTrainReport]:
-    """collect -> train -> evaluate -> save (official layout) for any target the engine supports."""
+    """collect -> train -> evaluate -> save (official layout) for any target the engine supports.
+
+    The head learns from `train_prompts` continued by the target, or from ready `sequences` (token ids, e.g.
+    prompt plus a dataset's answer) when those are given."""
     TargetModel(model)  # refuses unsupported targets before any work
-    if not train_prompts:
-        raise ValueError("train_draft_head needs at least one training prompt")
+    if not train_prompts and not sequences:
+        raise ValueError("train_draft_head needs at least one training prompt or sequence")
     started = time.perf_counter()
-    examples = collect_features(model, train_prompts, config, progress)
+    if sequences is None:
+        sequences = target_continuations(model, train_prompts, config, eos_token_ids, progress)
+    examples = sequence_features(model, sequences, progress)
     collect_seconds = time.perf_counter() - started
     head, losses, train_seconds = train_head(model, examples, config, progress=progress)
     head = head.to(device=model.device, dtype=model.dtype)
-    tau = evaluate_head(model, head, eval_prompts, config, progress) if eval_prompts else float("nan")
+    tau = (
+        evaluate_head(model, head, eval_prompts, config, progress, eos_token_ids)
+        if eval_prompts
+        else float("nan")
+    )
     report = DraftTrainReport(
         num_train_sequences=len(examples),
         num_train_tokens=sum(ids.shape[0] for ids, _ in examples),

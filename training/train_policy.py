@@ -95,8 +95,10 @@ def train_policy(
     progress: bool = True,
     generate_fn: Callable = generate_speculative,
     latency_table: LatencyTable | None = None,
+    eos_token_ids: tuple[int, ...] = (),
 ) -> PolicyTrainReport:
-    """Train on `prompts` (token id lists) with the real engine; write the checkpoint and curve to `out_dir`."""
+    """Train on `prompts` (token id lists) with the real engine, each generation stopping at `eos_token_ids` (a
+    chat model's end of turn) or after max_new_tokens; write the checkpoint and curve to `out_dir`."""
     if not prompts:
         raise ValueError("train_policy needs at least one prompt")
     os.makedirs(out_dir, exist_ok=True)
@@ -131,7 +133,12 @@ def train_policy(
         num_tokens, seconds = 0, 0.0
         for index in rng.permutation(len(prompts)):
             output = generate_fn(
-                target, head, prompts[index], controller, max_new_tokens=config.max_new_tokens
+                target,
+                head,
+                prompts[index],
+                controller,
+                max_new_tokens=config.max_new_tokens,
+                eos_token_id=list(eos_token_ids) or None,
             )
             num_tokens += output.num_new_tokens
             seconds += output.wall_seconds
