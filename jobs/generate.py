@@ -3,9 +3,10 @@
     python -m jobs.generate [--input PATH] [--output DIR] [--policy PATH|static|heuristic] [--num-actors N] ...
 
 Locally it starts a Ray of its own; under `ray job submit --working-dir . -- python -m jobs.generate ...` (or with
---address) it joins that cluster. Without --model/--draft/--policy it uses the demo models in models/demo/,
-building them first when they are missing (a plain local run only: a submitted job, or one that joins a
-cluster, stops with exit status 2 and the command that builds them). --model also takes a Hugging Face model
+--address) it joins that cluster. Without --model/--draft/--policy it uses SmolLM2-135M-Instruct with its
+committed EAGLE head and policy in models/smollm2/ (--models-root), converting the target first when it is
+missing (a plain local run only: a submitted job, or one that joins a cluster, stops with exit status 2 and the
+command that builds it). The default input is examples/chat_prompts.parquet, held-out ShareGPT first turns. --model also takes a Hugging Face model
 id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) that is in the local HF cache; the job never downloads one.
 Rows come from the input's messages column (--messages-column, default messages: a list of {role, content})
 when it has one, else from its prompt column; both go through the tokenizer's chat template, a prompt as one
@@ -37,18 +38,18 @@ from huggingface_hub.utils import validate_repo_id
 from pydantic import ValidationError
 
 from common.config import GenerateConfig, describe_validation_error
-from demo.build import DEFAULT_DEMO_ROOT
+from jobs.models import DEFAULT_ROOT
 from pipeline.checks import check_models
 from pipeline.inputs import InputError, resolve_input
 from pipeline.resources import ResourceError
 from pipeline.resume import count_written_rows
 from pipeline.summary import all_rows_failed
 
-DEFAULT_INPUT = "examples/prompts.parquet"
+DEFAULT_INPUT = "examples/chat_prompts.parquet"
 DEFAULT_OUTPUT = "outputs/generate"
 # Required config fields that the command line fills in itself when they are left out.
 JOB_DEFAULTS = {"input": DEFAULT_INPUT, "output": DEFAULT_OUTPUT}
-DEMO_DEFAULTS = {"model": "the demo target", "draft": "the demo draft head", "policy": "the demo policy"}
+MODEL_DEFAULTS = {"model": "MODELS_ROOT/target", "draft": "MODELS_ROOT/draft", "policy": "MODELS_ROOT/policy"}
 
 
 def option_name(field_name: str) -> str:
@@ -93,13 +94,13 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
                 help=f"{help_text} (default: %(default)s)",
             )
             continue
-        if name in DEMO_DEFAULTS:
-            default, help_text = None, f"{help_text} (default: {DEMO_DEFAULTS[name]})"
+        if name in MODEL_DEFAULTS:
+            default, help_text = None, f"{help_text} (default: {MODEL_DEFAULTS[name]})"
         elif field.is_required():
             default = JOB_DEFAULTS[name]
         else:
             default = field.default
-        if default is not None and name not in DEMO_DEFAULTS:
+        if default is not None and name not in MODEL_DEFAULTS:
             help_text += " (default: %(default)s)"
         parser.add_argument(
             option_name(name), dest=name, type=_parser_type(kind, optional), default=default, help=help_text
@@ -114,23 +115,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_config_options(parser)
     parser.add_argument(
-        "--demo-root",
-        default=DEFAULT_DEMO_ROOT,
-        help="where the demo models are, or get built, when --model/--draft/--policy are left out; under "
-        "`ray job submit` give an absolute path, e.g. $PWD/models/demo (default: %(default)s)",
+        "--models-root",
+        default=DEFAULT_ROOT,
+        help="folder with target/, draft/ and policy/, used when --model/--draft/--policy are left out (the "
+        "default is SmolLM2-135M-Instruct, its target converted on first use); under `ray job submit` give an "
+        "absolute path every node sees, e.g. $PWD/models/smollm2 (default: %(default)s)",
     )
     return parser.parse_args(argv)
 
 
 def build_config(args: argparse.Namespace) -> GenerateConfig:
-    """The validated config. Model paths left out are the demo's (checked, not built, here)."""
-    from demo.build import demo_paths
+    """The validated config. Model paths left out are --models-root's (checked, not built, here)."""
+    from jobs.models import model_paths
 
     values = {name: getattr(args, name) for name in GenerateConfig.model_fields}
-    demo = demo_paths(args.demo_root)
-    values["model"] = values["model"] or demo["target"]
-    values["draft"] = values["draft"] or demo["draft"]
-    values["policy"] = values["policy"] or demo["policy"]
+    paths = model_paths(args.models_root)
+    values["model"] = values["model"] or paths["target"]
+    values["draft"] = values["draft"] or paths["draft"]
+    values["policy"] = values["policy"] or paths["policy"]
     return GenerateConfig(**values)
 
 
@@ -185,11 +187,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"jobs.generate: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     if args.model is None or args.draft is None or args.policy is None:
-        from jobs.demo import DemoMissingError, ensure_demo, implicit_build_refusal
+        from jobs.models import ModelsMissingError, ensure_models, implicit_build_refusal
 
         try:
-            ensure_demo(args.demo_root, refusal=implicit_build_refusal(config.address))
-        except DemoMissingError as error:
+            ensure_models(args.models_root, refusal=implicit_build_refusal(config.address))
+        except ModelsMissingError as error:
             print(f"jobs.generate: {error}", file=sys.stderr)
             raise SystemExit(2) from None
     try:

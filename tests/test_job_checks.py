@@ -20,7 +20,7 @@ from common.config import GenerateConfig
 from demo.build import demo_paths
 from engine.batch import RequestResult
 from engine.types import GenerationOutput
-from jobs import demo, generate
+from jobs import generate, models
 from pipeline.checks import ModelCheckError, check_models
 from pipeline.inputs import InputError, resolve_input
 from pipeline.rows import validate_rows
@@ -218,45 +218,48 @@ def test_a_submitted_job_without_models_stops_and_names_the_build_command(
     tmp_path, prompts_file, capsys, monkeypatch
 ):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setenv(demo.SUBMITTED_JOB_ENV, "{}")
+    monkeypatch.setenv(models.SUBMITTED_JOB_ENV, "{}")
     built = []
-    monkeypatch.setattr(demo, "build_all", lambda *args, **kwargs: built.append(args))
-    root = str(tmp_path / "models" / "demo")
+    monkeypatch.setattr(models, "build_target", lambda *args, **kwargs: built.append(args))
+    root = str(tmp_path / "models" / "smollm2")
     status, err = run_main(
-        ["--input", prompts_file, "--output", str(tmp_path / "out"), "--demo-root", root], capsys
+        ["--input", prompts_file, "--output", str(tmp_path / "out"), "--models-root", root], capsys
     )
     assert status == 2 and len(err.strip().splitlines()) == 1
-    assert "ray job submit" in err and f"python -m jobs.build_demo --out {root}" in err
+    assert "ray job submit" in err and f"python -m jobs.build_models --out {root}" in err
     assert built == [] and not os.path.exists(root)
     monkeypatch.chdir(tmp_path)
-    status, err = run_main(["--input", prompts_file, "--output", "out", "--demo-root", "models/demo"], capsys)
-    assert status == 2 and "relative" in err and os.path.join(str(tmp_path), "models", "demo") in err
+    status, err = run_main(
+        ["--input", prompts_file, "--output", "out", "--models-root", "models/smollm2"], capsys
+    )
+    assert status == 2 and "relative" in err and os.path.join(str(tmp_path), "models", "smollm2") in err
     assert built == []
 
 
 def test_a_job_joining_a_cluster_does_not_build_but_a_local_run_does(tmp_path, tiny_demo, monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.delenv(demo.SUBMITTED_JOB_ENV, raising=False)
-    assert demo.implicit_build_refusal() is None
-    assert "ray://head:10001" in demo.implicit_build_refusal("ray://head:10001")
+    monkeypatch.delenv(models.SUBMITTED_JOB_ENV, raising=False)
+    assert models.implicit_build_refusal() is None
+    assert "ray://head:10001" in models.implicit_build_refusal("ray://head:10001")
     monkeypatch.setenv("RAY_ADDRESS", "auto")
-    assert "'auto'" in demo.implicit_build_refusal()
-    root = str(tmp_path / "demo")
-    with pytest.raises(demo.DemoMissingError, match="joins the Ray cluster"):
-        demo.ensure_demo(root, refusal=demo.implicit_build_refusal())
-    assert demo.ensure_demo(tiny_demo, refusal="x") == demo_paths(
-        tiny_demo
-    )  # built already: nothing to refuse
+    assert "'auto'" in models.implicit_build_refusal()
+    root = str(tmp_path / "smollm2")
+    with pytest.raises(models.ModelsMissingError, match="joins the Ray cluster"):
+        models.ensure_models(root, refusal=models.implicit_build_refusal())
+    assert not os.path.exists(root)
 
     class Built(Exception):
         pass
 
-    def build_all(preset, out_root, progress):
+    def build_target(out_root, force=False):
         raise Built(out_root)
 
-    monkeypatch.setattr(demo, "build_all", build_all)
+    monkeypatch.setattr(models, "build_target", build_target)
     with pytest.raises(Built, match=root):  # a plain local run builds what is missing
-        demo.ensure_demo(root, refusal=None)
+        models.ensure_models(root, refusal=None)
+    # ... after copying in the committed head and policy, which need no building
+    assert os.path.isfile(os.path.join(root, "draft", "config.json"))
+    assert os.path.isfile(os.path.join(root, "policy", "policy.json"))
 
 
 # ---- a cluster too small for the actors asked for ----------------------------------------------------------

@@ -87,7 +87,7 @@ def test_a_client_without_the_token_is_refused(ray_head):
 
 
 def test_a_submitted_job_without_models_stops_instead_of_building_them(ray_head, tmp_path):
-    """The default --demo-root is relative: under `ray job submit` it points into the uploaded copy of the working
+    """The default --models-root is relative: under `ray job submit` it points into the uploaded copy of the working
     dir, which has no models/. The job stops (exit 2 in the driver) and names the build command."""
     env, ray_cli, address = ray_head
     input_path = tmp_path / "prompts.parquet"
@@ -106,6 +106,6 @@ def test_a_submitted_job_without_models_stops_instead_of_building_them(ray_head,
     finished = subprocess.run(command, env=env, capture_output=True, text=True, timeout=420, cwd=REPO)
     log = finished.stdout + finished.stderr
     assert finished.returncode != 0, log[-4000:]
-    assert "this job runs under `ray job submit`" in log and "python -m jobs.build_demo --out" in log
-    assert "--demo-root is relative" in log and "building them now" not in log
+    assert "this job runs under `ray job submit`" in log and "python -m jobs.build_models --out" in log
+    assert "--models-root is relative" in log and "converted" not in log
     assert not (tmp_path / "out").exists()

@@ -46,7 +46,7 @@ def test_generate_has_one_option_per_config_field_with_the_config_default(capsys
     text = capsys.readouterr().out
     for name in GenerateConfig.model_fields:
         assert generate.option_name(name) in text, name
-    assert "--no-progress" in text and "--demo-root" in text
+    assert "--no-progress" in text and "--models-root" in text
     assert "(default: 128)" in text  # --max-new-tokens, from the field
     args = generate.parse_args([])
     for name, field in GenerateConfig.model_fields.items():

@@ -83,7 +83,7 @@ def test_action_set_validates_and_indexes():
     with pytest.raises(ValueError):
         ActionSet.parse(["99/1/1"])  # more nodes than the tree can score
     with pytest.raises(ValueError, match="not in the action set"):
-        DEFAULT_ACTIONS.index(TreeParams(2, 1, 1))
+        DEFAULT_ACTIONS.index(TreeParams(7, 6, 1))
     with pytest.raises(AttributeError):
         DEFAULT_ACTIONS._params = ()
 

@@ -1,0 +1,185 @@
+"""One-command check of the real model on an accelerator: greedy identity to HF generate, and EAGLE's speed.
+
+    python -m jobs.gpu_check [--device cuda] [--dtypes bf16,fp32] [--num-prompts 20] [--max-new-tokens 128]
+
+For each dtype it loads SmolLM2-135M-Instruct and its committed EAGLE head (models/smollm2/, the target
+converted on first use), then runs held-out prompts (half ShareGPT chat, half HumanEval code, through the chat
+template) with HF `generate` (greedy) and with EAGLE speculative decoding on --tree, one prompt at a time,
+interleaved. It prints tokens/s for both, the speedup, tau, and EAGLE's draft/verify milliseconds per step, and
+checks that every EAGLE output is token-identical to HF's. Exit status 1 on any mismatch (the first divergence
+of each is printed), 2 when the device is not there. `--device cpu` runs the same check on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from jobs import HelpFormatter
+from jobs.models import DEFAULT_ROOT, ensure_models
+from jobs.results import write_json
+
+CHAT_PROMPTS = "examples/chat_prompts.parquet"
+CODE_PROMPTS = "examples/code_prompts.parquet"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.gpu_check", description=__doc__, formatter_class=HelpFormatter
+    )
+    parser.add_argument("--device", default="cuda", help="torch device to check on: cuda, cuda:1, cpu")
+    parser.add_argument("--dtypes", default="bf16,fp32", help=f"comma list of {sorted(DTYPES)}")
+    parser.add_argument(
+        "--num-prompts", type=int, default=20, help="held-out prompts, half chat and half code"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt")
+    parser.add_argument("--tree", default="60/5/10", help="EAGLE tree total_tokens/depth/top_k")
+    parser.add_argument("--models-root", default=DEFAULT_ROOT, help="folder with target/ and draft/")
+    parser.add_argument("--json", default=None, help="write the results here as JSON")
+    args = parser.parse_args(argv)
+    if args.num_prompts < 1 or args.max_new_tokens < 1:
+        parser.error("--num-prompts and --max-new-tokens must be >= 1")
+    unknown = [name for name in args.dtypes.split(",") if name not in DTYPES]
+    if unknown:
+        parser.error(f"--dtypes: unknown {unknown}; choose from {sorted(DTYPES)}")
+    return args
+
+
+def held_out_prompts(num_prompts: int) -> list[tuple[str, str]]:
+    """(source, text): the first ceil(n/2) chat prompts and the first floor(n/2) code prompts."""
+    from jobs.prompts import read_prompt_column
+
+    num_chat = (num_prompts + 1) // 2
+    chat = read_prompt_column(CHAT_PROMPTS, "prompt", num_chat)
+    code = read_prompt_column(CODE_PROMPTS, "prompt", num_prompts - num_chat) if num_prompts > 1 else []
+    return [("chat", text) for text in chat] + [("code", text) for text in code]
+
+
+def first_divergence(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def check_dtype(paths: dict, device: torch.device, dtype: torch.dtype, prompts, args) -> dict:
+    """HF greedy and EAGLE on every prompt in one dtype: speeds, tau, the draft/verify split, identity."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bench.benchmark import hf_method
+    from engine.chat import chat_eos_token_ids, prompt_ids
+    from engine.draft_head import DraftHead
+    from engine.generate import generate_speculative
+    from engine.target import TargetModel
+    from engine.types import StaticController, TreeParams
+
+    tokenizer = AutoTokenizer.from_pretrained(paths["target"])
+    model = AutoModelForCausalLM.from_pretrained(paths["target"], dtype=dtype, attn_implementation="sdpa")
+    model = model.to(device).eval()
+    head = DraftHead.from_pretrained(paths["draft"], target_embeddings=model.get_input_embeddings().weight)
+    head = head.to(device=device, dtype=dtype)
+    target = TargetModel(model)
+    eos = list(chat_eos_token_ids(model, tokenizer))
+    controller = StaticController(TreeParams.parse(args.tree))
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    hf_greedy = hf_method(model, "hf_greedy", eos)
+
+    def hf(ids: list[int], max_new_tokens: int) -> list[int]:
+        return hf_greedy.run(ids, max_new_tokens).new_token_ids
+
+    def eagle(ids: list[int], max_new_tokens: int):
+        return generate_speculative(
+            target, head, ids, controller, max_new_tokens=max_new_tokens, eos_token_id=eos, time_steps=True
+        )
+
+    encoded = [(source, prompt_ids(tokenizer, text)) for source, text in prompts]
+    hf(encoded[0][1], 8)  # warm-up: kernels and allocations stay out of the timings
+    eagle(encoded[0][1], 8)
+    hf_seconds = eagle_seconds = draft_seconds = verify_seconds = 0.0
+    hf_tokens = eagle_tokens = steps = 0
+    mismatches = []
+    for index, (source, ids) in enumerate(encoded):
+        sync()
+        started = time.perf_counter()
+        reference = hf(ids, args.max_new_tokens)
+        sync()
+        hf_seconds += time.perf_counter() - started
+        started = time.perf_counter()
+        out = eagle(ids, args.max_new_tokens)
+        sync()
+        eagle_seconds += time.perf_counter() - started
+        hf_tokens += len(reference)
+        eagle_tokens += out.num_new_tokens
+        steps += len(out.steps)
+        draft_seconds += sum(step.draft_seconds for step in out.steps)
+        verify_seconds += sum(step.verify_seconds for step in out.steps)
+        if out.new_token_ids != reference:
+            at = first_divergence(out.new_token_ids, reference)
+            mismatches.append({"prompt": index, "source": source, "first_divergence": at})
+    hf_rate, eagle_rate = hf_tokens / hf_seconds, eagle_tokens / eagle_seconds
+    return {
+        "num_prompts": len(encoded),
+        "hf_tokens_per_s": hf_rate,
+        "eagle_tokens_per_s": eagle_rate,
+        "speedup": eagle_rate / hf_rate,
+        "tau": eagle_tokens / max(1, steps),
+        "draft_ms_per_step": 1000 * draft_seconds / max(1, steps),
+        "verify_ms_per_step": 1000 * verify_seconds / max(1, steps),
+        "identical": len(encoded) - len(mismatches),
+        "mismatches": mismatches,
+    }
+
+
+def format_results(results: dict, tree: str) -> str:
+    header = (
+        f"{'dtype':<6} {'prompts':>7} {'HF tok/s':>9} {'EAGLE tok/s':>12} {'speedup':>8} {'tau':>5} "
+        f"{'draft ms':>9} {'verify ms':>10} {'identical':>10}"
+    )
+    rows = [f"EAGLE tree {tree}", header, "-" * len(header)]
+    for name, r in results.items():
+        rows.append(
+            f"{name:<6} {r['num_prompts']:>7} {r['hf_tokens_per_s']:>9.1f} {r['eagle_tokens_per_s']:>12.1f} "
+            f"{r['speedup']:>7.2f}x {r['tau']:>5.2f} {r['draft_ms_per_step']:>9.1f} {r['verify_ms_per_step']:>10.1f} "
+            f"{r['identical']:>4}/{r['num_prompts']:<5}"
+        )
+        for miss in r["mismatches"]:
+            rows.append(
+                f"  {name}: {miss['source']} prompt {miss['prompt']} differs from HF from new token "
+                f"{miss['first_divergence']}"
+            )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("jobs.gpu_check: CUDA is not available on this machine (use --device cpu)", file=sys.stderr)
+        raise SystemExit(2)
+    paths = ensure_models(args.models_root)
+    prompts = held_out_prompts(args.num_prompts)
+    results = {}
+    for name in args.dtypes.split(","):
+        results[name] = check_dtype(paths, device, DTYPES[name], prompts, args)
+        print(format_results({name: results[name]}, args.tree), flush=True)
+    payload = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "tree": args.tree,
+        "max_new_tokens": args.max_new_tokens,
+        "results": results,
+    }
+    if args.json:
+        write_json(args.json, payload)
+    if any(r["mismatches"] for r in results.values()):
+        print("jobs.gpu_check: EAGLE's greedy output differs from HF generate (see above)", file=sys.stderr)
+        raise SystemExit(1)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
