@@ -23,25 +23,25 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m jobs.build_demo
 
-# The main job on the real model: examples/chat_prompts.parquet (held-out ShareGPT first turns) through a local Ray
-# into outputs/generate/, with SmolLM2-135M-Instruct, its committed EAGLE head and policy (models/smollm2/). The
-# target is converted from its registry package first when it is missing (under a minute). 64 new tokens a row keeps
-# it to about ten minutes on 2 CPU cores; the job's own default is 128.
+# The main job on the real model: examples/chat_sample.parquet (24 held-out ShareGPT first turns) through a local Ray
+# into outputs/generate/, with SmolLM2-135M-Instruct and its committed EAGLE head and policy (models/smollm2/). The
+# target is converted from its registry package first when it is missing (under a minute). A few minutes on 2 CPU
+# cores; the job's own default input is all 300 prompts of examples/chat_prompts.parquet.
 run: $(STAMP)
-	$(PY) -m jobs.generate --overwrite --max-new-tokens 64
+	$(PY) -m jobs.generate --input examples/chat_sample.parquet --max-new-tokens 64 --overwrite
 
-# The README's batch-1 tables: 25 held-out chat prompts, then 25 HumanEval prompts (about 15 minutes each on 2 cores).
+# The README's batch-1 tables: 8 held-out chat prompts, then 8 HumanEval prompts, 64 new tokens.
 bench: $(STAMP)
-	$(PY) -m jobs.bench --prompts examples/chat_prompts.parquet --num-prompts 25 --max-new-tokens 128 \
-		--grid-prompts 4 --json outputs/bench_chat.json
-	$(PY) -m jobs.bench --prompts examples/code_prompts.parquet --num-prompts 25 --max-new-tokens 128 \
-		--grid-prompts 2 --json outputs/bench_code.json
+	$(PY) -m jobs.bench --prompts examples/chat_prompts.parquet --num-prompts 8 --max-new-tokens 64 \
+		--grid-prompts 1 --json outputs/bench_chat.json
+	$(PY) -m jobs.bench --prompts examples/code_prompts.parquet --num-prompts 8 --max-new-tokens 64 \
+		--grid-prompts 1 --json outputs/bench_code.json
 
 gpu-check: $(STAMP)
 	$(PY) -m jobs.gpu_check --json outputs/gpu_check.json
 
 bench-pipeline: $(STAMP)
-	$(PY) -m jobs.bench_pipeline --num-prompts 16 --max-new-tokens 64 --skip-cache-workload \
+	$(PY) -m jobs.bench_pipeline --num-prompts 8 --max-new-tokens 48 --skip-cache-workload \
 		--json outputs/bench_pipeline.json
 
 lint: $(STAMP)

@@ -60,9 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per throughput prompt")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per batch for the pipeline")
     parser.add_argument("--hf-batch-size", type=int, default=16, help="rows per padded batch for HF generate")
-    parser.add_argument(
-        "--cache-prompts", type=int, default=8, help="distinct prompts of the cache workload"
-    )
+    parser.add_argument("--cache-prompts", type=int, default=8, help="distinct prompts of the cache workload")
     parser.add_argument(
         "--cache-max-new-tokens", type=int, default=64, help="new tokens per prompt of the cache workload"
     )

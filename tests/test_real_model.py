@@ -56,7 +56,18 @@ def test_committed_weights_stay_small_and_name_their_command():
 
 def test_greedy_eagle_is_identical_to_hf_generate_on_held_out_chat_and_code(real_models, capsys):
     payload = gpu_check.main(
-        ["--device", "cpu", "--dtypes", "fp32", "--num-prompts", "4", "--max-new-tokens", "24", "--tree", "16/5/4"]
+        [
+            "--device",
+            "cpu",
+            "--dtypes",
+            "fp32",
+            "--num-prompts",
+            "4",
+            "--max-new-tokens",
+            "24",
+            "--tree",
+            "16/5/4",
+        ]
     )
     result = payload["results"]["fp32"]
     assert result["identical"] == result["num_prompts"] == 4, result["mismatches"]
