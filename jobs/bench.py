@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--chat-template",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="send each prompt as one user message through the tokenizer's chat template, when it has one",
+        help="send each prompt as one user message through the tokenizer's chat template, when it has one "
+        "(default: %(default)s)",
     )
     parser.add_argument("--no-policy", action="store_true", help="skip the heuristic and learned methods")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
