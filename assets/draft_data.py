@@ -16,15 +16,9 @@ import json
 import os
 
 from assets.sharegpt import is_plain_english, iter_conversations
+from engine.chat import chat_ids
 
 RESPONSE_SOURCES = ("target", "dataset")
-
-
-def _template(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
-    )
-    return list(ids)
 
 
 def _train_exchanges(limit: int, min_chars: int = 16, max_chars: int = 4000):
@@ -51,7 +45,7 @@ def first_turn_prompts(tokenizer, limit: int, max_prompt_tokens: int) -> list[li
     at the front would lose its template header)."""
     prompts = []
     for user, _ in _train_exchanges(limit * 2):
-        ids = _template(tokenizer, [{"role": "user", "content": user}], add_generation_prompt=True)
+        ids = chat_ids(tokenizer, [{"role": "user", "content": user}])
         if len(ids) <= max_prompt_tokens:
             prompts.append(ids)
             if len(prompts) == limit:
@@ -64,7 +58,7 @@ def first_exchanges(tokenizer, limit: int, max_tokens: int) -> list[list[int]]:
     sequences = []
     for user, answer in _train_exchanges(limit):
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
-        sequences.append(_template(tokenizer, messages, add_generation_prompt=False)[:max_tokens])
+        sequences.append(chat_ids(tokenizer, messages, add_generation_prompt=False)[:max_tokens])
     return sequences
 
 

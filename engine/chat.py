@@ -31,10 +31,10 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def chat_ids(tokenizer, messages: list[dict]) -> list[int]:
-    """`messages` ({role, content} dicts) through the chat template, with the generation prompt."""
+def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+    """`messages` ({role, content} dicts) through the chat template, by default with the generation prompt."""
     ids = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
     )
     return list(ids)
 
