@@ -7,9 +7,9 @@ prompt-level decision caches in front of the shared cache actor, and the dashboa
     read the plan columns -> tokenize -> context check -> prompt decisions (local, then shared)
       -> engine.generate_batch (batch in, batch out) -> detokenize -> result columns -> publish decisions + stats
 
-The rows come planned: the row stage has already checked each row and written its error, max_new_tokens and
-temperature (`common.columns.PLAN_SCHEMA`); the actor only adds the checks that need the tokenizer (a chat
-template for messages rows, prompt length, the model's context). A row's prompt ids come from its messages (the
+The rows come planned: the row stage has already checked each row and written its error and sampling settings
+(max_new_tokens, temperature, top_p, top_k, seed, stop strings: `common.columns.PLAN_SCHEMA`); the actor only
+adds the checks that need the tokenizer (a chat template for messages rows, prompt length, the model's context). A row's prompt ids come from its messages (the
 input's messages column) or its prompt text (one user message) through the tokenizer's chat template with the
 generation prompt appended; without a template (the tokenizer has none, or the job runs with
 --no-chat-template) a prompt is tokenized as raw text, and a messages row is an error row. A templated row
@@ -41,15 +41,20 @@ from transformers.utils import logging as transformers_logging
 from actors.decisions import PromptController, PromptDecisions
 from actors.metrics import ActorMetrics
 from actors.stats import ActorStats, GenerationTotals
+from actors.stops import StopStrings
 from common.columns import (
     ERROR_COLUMN,
     FINISH_REASONS,
     PLAN_COLUMNS,
     PLAN_MAX_NEW_TOKENS_COLUMN,
+    PLAN_SEED_COLUMN,
+    PLAN_STOP_COLUMN,
     PLAN_TEMPERATURE_COLUMN,
+    PLAN_TOP_K_COLUMN,
+    PLAN_TOP_P_COLUMN,
     RESULT_SCHEMA,
 )
-from common.config import GenerateConfig
+from common.config import ProcessorConfig
 from engine.batch import GenerationRequest, RequestResult, generate_batch
 from engine.chat import chat_eos_token_ids, chat_ids, has_chat_template
 from engine.ea_model import EaModel
@@ -66,14 +71,18 @@ class ActorRow:
     what is known: prompt_ids of a prompt too long for the context, and None for an error the row stage found).
 
     prompt: the row's text, what prompt-level decisions embed (a messages row: its contents, one per line).
-    eos_token_ids: the tokens that end this row's generation; None: the target config's eos."""
+    eos_token_ids: the tokens that end this row's generation; None: the target config's eos.
+    sampling: the row's temperature, top_p and top_k; seed: its own sampling seed (None: `row_seed`);
+    stop: its stop strings, or None."""
 
     prompt: str | None
     prompt_ids: list[int]
     max_new_tokens: int | None
-    temperature: float | None
+    sampling: SamplingParams | None
     error: str | None = None
     eos_token_ids: tuple[int, ...] | None = None
+    seed: int | None = None
+    stop: StopStrings | None = None
 
 
 def compact_trees(steps: list[StepStats]) -> str:
@@ -103,7 +112,8 @@ def assigned_cpus() -> float | None:
 class GenerationActor:
     """Ray Data callable class: `map_batches(GenerationActor, fn_constructor_kwargs={...}, batch_format="pyarrow")`.
 
-    config: a `GenerateConfig` as a dict (plain data travels to actors more simply than a model).
+    config: a `ProcessorConfig` as a dict (plain data travels to actors more simply than a model); the
+        ProcessorConfig fields of a larger config (the job's) are taken.
     cache: the ContextCacheActor handle when config.shared_cache is on (prompt decisions are shared through
         it), else None.
     stats_collector: the job's StatsCollector actor handle, which gets `stats()` after every batch, or None
@@ -126,7 +136,7 @@ class GenerationActor:
         run_id: str | None = None,
     ) -> None:
         init_started = time.perf_counter()
-        self.config = GenerateConfig(**config)
+        self.config = ProcessorConfig.of(config)
         cpus = assigned_cpus()
         if cpus:
             # Threads from the CPUs Ray gave this actor, rounded down: an OpenMP thread without a core of its own
@@ -214,13 +224,18 @@ class GenerationActor:
                 prompt_ids=rows[index].prompt_ids,
                 max_new_tokens=rows[index].max_new_tokens,
                 controller=controller,
-                sampling=SamplingParams(temperature=rows[index].temperature),
-                seed=row_seed(self.config.seed, ids_column[index]),
+                sampling=rows[index].sampling,
+                seed=(
+                    row_seed(self.config.seed, ids_column[index])
+                    if rows[index].seed is None
+                    else rows[index].seed
+                ),
                 timeout_s=self.config.row_timeout_s,
                 # A learned policy and the prompt decisions read each step's measured seconds; on CUDA the
                 # engine times steps only when asked (on the CPU it always does, at no cost).
                 time_steps=True if self.config.policy_kind == "learned" else None,
                 eos_token_ids=rows[index].eos_token_ids,
+                stop_check=rows[index].stop,
             )
             for index, controller in zip(todo, controllers, strict=True)
         ]
@@ -285,10 +300,29 @@ class GenerationActor:
             prompts,
             table.column(PLAN_MAX_NEW_TOKENS_COLUMN).to_pylist(),
             table.column(PLAN_TEMPERATURE_COLUMN).to_pylist(),
+            table.column(PLAN_TOP_P_COLUMN).to_pylist(),
+            table.column(PLAN_TOP_K_COLUMN).to_pylist(),
+            table.column(PLAN_SEED_COLUMN).to_pylist(),
+            table.column(PLAN_STOP_COLUMN).to_pylist(),
             table.column(ERROR_COLUMN).to_pylist(),
             strict=True,
         )
-        return [self._tokenize(*plan, is_messages=is_messages) for plan in plans]
+        return [self._plan_row(*plan, is_messages=is_messages) for plan in plans]
+
+    def _plan_row(
+        self, prompt, max_new_tokens, temperature, top_p, top_k, seed, stop, error, is_messages: bool
+    ) -> ActorRow:
+        """One planned row (its plan columns' values) as an ActorRow, tokenized."""
+        if error is not None:
+            return ActorRow(None, [], max_new_tokens, None, error)
+        try:
+            sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+        except ValueError as problem:  # the row stage checked these; a hand-made plan may still be wrong
+            return ActorRow(None, [], max_new_tokens, None, str(problem))
+        row = self._tokenize(prompt, max_new_tokens, sampling, is_messages=is_messages)
+        if row.error is not None:
+            return row
+        return replace(row, seed=seed, stop=StopStrings(self.tokenizer, tuple(stop)) if stop else None)
 
     def prompt_ids(self, prompt, is_messages: bool) -> tuple[str, list[int], tuple[int, ...] | None]:
         """(the row's text, its prompt ids, its eos ids) for a prompt, or for a messages value the row stage
@@ -312,20 +346,13 @@ class GenerationActor:
         return text, list(ids), self.chat_eos_token_ids
 
     def _tokenize(
-        self,
-        prompt,
-        max_new_tokens: int | None,
-        temperature: float | None,
-        error: str | None,
-        is_messages: bool = False,
+        self, prompt, max_new_tokens: int, sampling: SamplingParams, is_messages: bool = False
     ) -> ActorRow:
-        if error is not None:
-            return ActorRow(None, [], max_new_tokens, temperature, error)
         try:
             text, ids, eos_ids = self.prompt_ids(prompt, is_messages)
         except ValueError as problem:
-            return ActorRow(None, [], max_new_tokens, temperature, str(problem))
-        row = ActorRow(text, ids, max_new_tokens, temperature, eos_token_ids=eos_ids)
+            return ActorRow(None, [], max_new_tokens, sampling, str(problem))
+        row = ActorRow(text, ids, max_new_tokens, sampling, eos_token_ids=eos_ids)
         num_tokens = len(row.prompt_ids)
         cap = self.config.max_prompt_tokens
         if cap is not None and num_tokens > cap:
@@ -359,8 +386,11 @@ class GenerationActor:
                 totals.steps += len(output.steps)
                 totals.emitted_in_steps += sum(step.num_emitted for step in output.steps)
                 totals.generation_seconds += output.wall_seconds
+                text = self.tokenizer.decode(output.new_token_ids, skip_special_tokens=True)
+                if output.finish_reason == "stop" and row.stop is not None:
+                    text = row.stop.cut(text)
                 values = {
-                    "generated_text": self.tokenizer.decode(output.new_token_ids, skip_special_tokens=True),
+                    "generated_text": text,
                     "num_input_tokens": len(prompt_ids),
                     "num_generated_tokens": output.num_new_tokens,
                     "finish_reason": finish_reason,

@@ -14,7 +14,7 @@ from __future__ import annotations
 from ray.util.metrics import Counter, Gauge, Histogram
 
 from actors.stats import ActorStats
-from common.columns import FINISH_REASONS
+from common.columns import FINISH_REASON_VALUES
 
 TAG_KEYS = ("job", "job_name", "actor")
 ROW_SECONDS_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
@@ -70,7 +70,7 @@ class ActorMetrics:
         self._last: dict[str, float] = {}
         for status in ("ok", "error"):
             self._add(self.rows, f"rows_{status}", 0, {"status": status})
-        for reason in FINISH_REASONS.values():
+        for reason in FINISH_REASON_VALUES:
             self._add(self.finish_reasons, f"finish_{reason}", 0, {"reason": reason})
         self._add(self.tokens, "tokens", 0)
         self._add(self.steps, "steps", 0)

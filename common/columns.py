@@ -5,8 +5,9 @@ their Arrow types. An input that already has one of the `RESERVED_COLUMNS` is re
 that no input column is overwritten.
 
 `PLAN_SCHEMA` holds what the row stage (`pipeline.rows.validate_rows`) resolved for each row and the actor reads:
-the row's error (null when the row is to be generated), its max_new_tokens and its temperature (the row's own
-values or the job's defaults; null on an error row). The actor replaces these columns with the result columns,
+the row's error (null when the row is to be generated) and its sampling settings: max_new_tokens, temperature,
+top_p, top_k (the row's own values or the job's defaults), its seed (null: derived from the job's seed and the
+row) and its stop strings (an empty list: none); null on an error row. The actor replaces these columns with the result columns,
 so they never reach the output, except for the error column, which is both.
 """
 
@@ -17,6 +18,12 @@ import pyarrow as pa
 ERROR_COLUMN = "__inference_error__"
 PLAN_MAX_NEW_TOKENS_COLUMN = "__max_new_tokens__"
 PLAN_TEMPERATURE_COLUMN = "__temperature__"
+PLAN_TOP_P_COLUMN = "__top_p__"
+PLAN_TOP_K_COLUMN = "__top_k__"
+PLAN_SEED_COLUMN = "__seed__"
+PLAN_STOP_COLUMN = "__stop__"
+# The per-row struct of sampling settings, as Ray Data LLM rows carry it (`pipeline.rows.SAMPLING_KEYS`).
+SAMPLING_PARAMS_COLUMN = "sampling_params"
 
 RESULT_SCHEMA = pa.schema(
     [
@@ -34,13 +41,20 @@ RESULT_SCHEMA = pa.schema(
 OUTPUT_COLUMNS: tuple[str, ...] = tuple(RESULT_SCHEMA.names)
 
 # The engine's GenerationOutput.finish_reason -> the finish_reason column.
-FINISH_REASONS: dict[str, str] = {"eos": "stop", "length": "length", "context": "context"}
+# "stop" is a row's stop string (`actors.stops`).
+FINISH_REASONS: dict[str, str] = {"eos": "stop", "stop": "stop", "length": "length", "context": "context"}
+# The finish_reason column's values, once each.
+FINISH_REASON_VALUES: tuple[str, ...] = tuple(dict.fromkeys(FINISH_REASONS.values()))
 
 PLAN_SCHEMA = pa.schema(
     [
         (ERROR_COLUMN, pa.string()),
         (PLAN_MAX_NEW_TOKENS_COLUMN, pa.int64()),
         (PLAN_TEMPERATURE_COLUMN, pa.float64()),
+        (PLAN_TOP_P_COLUMN, pa.float64()),
+        (PLAN_TOP_K_COLUMN, pa.int64()),
+        (PLAN_SEED_COLUMN, pa.int64()),
+        (PLAN_STOP_COLUMN, pa.list_(pa.string())),
     ]
 )
 PLAN_COLUMNS: tuple[str, ...] = tuple(PLAN_SCHEMA.names)

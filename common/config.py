@@ -1,9 +1,11 @@
-"""The job's root configuration, validated (pydantic) before any work starts.
+"""The configurations, validated (pydantic) before any work starts.
 
-`GenerateConfig` is the one config the job entry point builds from its arguments and passes down: the pipeline
-derives resources from it, and each generation actor receives it (as a dict) to load its models and controller.
-Paths to models are resolved by the entry point (the demo models when none are given); this module checks values,
-not files. Nothing here imports ray or torch (`engine.types` is plain data): Ray Data's row-validation workers
+`ProcessorConfig` is what generating rows needs, wherever the rows come from: the models, the row columns, the
+sampling defaults, the actors and their resources. `pipeline.processor.build_processor` takes it, and each
+generation actor receives it (as a dict) to load its models and controller. `GenerateConfig` is the job's: a
+ProcessorConfig plus where the rows come from and go (input, output, resume, Ray address, progress).
+Paths to models are resolved by the entry points (the default models when none are given); this module checks
+values, not files. Nothing here imports ray or torch (`engine.types` is plain data): Ray Data's row-validation workers
 import this module.
 """
 
@@ -22,13 +24,11 @@ POLICY_KEYWORDS = ("static", "heuristic")
 MAX_TEMPERATURE = 100.0
 
 
-class GenerateConfig(BaseModel):
-    """Everything `python -m jobs.generate` needs. Field descriptions double as the `--help` text."""
+class ProcessorConfig(BaseModel):
+    """Everything generating rows needs. Field descriptions double as the `--help` text of `jobs.generate`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input: str = Field(description="Parquet file, folder or glob; local, or any pyarrow filesystem URI")
-    output: str = Field(description="output folder for the Parquet results and _stats.json")
     prompt_column: str = Field("prompt", min_length=1, description="input column holding the prompt text")
     messages_column: str = Field(
         "messages",
@@ -69,7 +69,20 @@ class GenerateConfig(BaseModel):
         "(none: no limit)",
     )
     temperature: float = Field(
-        0.0, ge=0.0, le=MAX_TEMPERATURE, description="0 is greedy; rows may override with a column"
+        0.0,
+        ge=0.0,
+        le=MAX_TEMPERATURE,
+        description="0 is greedy; a row may set its own (its temperature column or sampling_params)",
+    )
+    top_p: float = Field(
+        1.0,
+        ge=0.0,
+        le=1.0,
+        description="nucleus sampling: keep the smallest set of tokens whose probability reaches top_p (1 or 0: "
+        "off); a row may set its own in sampling_params",
+    )
+    top_k: int = Field(
+        0, ge=0, description="sample among the top_k most likely tokens (0: off); a row may set its own"
     )
     num_actors: int = Field(1, ge=1, description="generation actors (one per GPU on a GPU cluster)")
     batch_size: int = Field(16, ge=1, description="rows per batch handed to a generation actor")
@@ -80,9 +93,6 @@ class GenerateConfig(BaseModel):
     )
     similarity_threshold: float = Field(
         0.85, gt=0.0, le=1.0, description="cosine at which a similar prompt reuses a decision"
-    )
-    address: str | None = Field(
-        None, description="Ray address; default: the cluster in RAY_ADDRESS or a new local one"
     )
     namespace: str | None = Field(
         None,
@@ -107,14 +117,6 @@ class GenerateConfig(BaseModel):
     )
     job_name: str = Field("eagleray", min_length=1, description="tag on the dashboard metrics")
     seed: int = Field(0, ge=0, description="seeds sampling (temperature > 0); each row gets its own stream")
-    overwrite: bool = Field(
-        False,
-        description="start afresh: delete the results already in the output folder (without it, a rerun of "
-        "the same job resumes where it stopped)",
-    )
-    progress: bool = Field(
-        True, description="show Ray Data's progress: bars in a terminal, log lines every 10 s elsewhere"
-    )
 
     @field_validator("temperature")
     @classmethod
@@ -130,7 +132,7 @@ class GenerateConfig(BaseModel):
         return value
 
     @model_validator(mode="after")
-    def _consistent(self) -> GenerateConfig:
+    def _consistent(self) -> ProcessorConfig:
         if self.max_new_tokens > self.max_new_tokens_cap:
             raise ValueError(
                 f"max_new_tokens {self.max_new_tokens} is above max_new_tokens_cap {self.max_new_tokens_cap}"
@@ -153,6 +155,31 @@ class GenerateConfig(BaseModel):
     def policy_kind(self) -> str:
         """'static', 'heuristic' or 'learned' (a policy folder)."""
         return self.policy if self.policy in POLICY_KEYWORDS else "learned"
+
+    @classmethod
+    def of(cls, config: dict | BaseModel) -> ProcessorConfig:
+        """The processor's part of a config: itself, or the ProcessorConfig fields of a GenerateConfig (or of
+        either's dict)."""
+        values = config.model_dump() if isinstance(config, BaseModel) else config
+        return cls(**{name: values[name] for name in cls.model_fields if name in values})
+
+
+class GenerateConfig(ProcessorConfig):
+    """Everything `python -m jobs.generate` needs: a ProcessorConfig, plus the job's input, output and run."""
+
+    input: str = Field(description="Parquet file, folder or glob; local, or any pyarrow filesystem URI")
+    output: str = Field(description="output folder for the Parquet results and _stats.json")
+    address: str | None = Field(
+        None, description="Ray address; default: the cluster in RAY_ADDRESS or a new local one"
+    )
+    overwrite: bool = Field(
+        False,
+        description="start afresh: delete the results already in the output folder (without it, a rerun of "
+        "the same job resumes where it stopped)",
+    )
+    progress: bool = Field(
+        True, description="show Ray Data's progress: bars in a terminal, log lines every 10 s elsewhere"
+    )
 
 
 def describe_validation_error(error: ValidationError, option_name: Callable[[str], str] = str) -> str:

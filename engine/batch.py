@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.draft_head import DraftHead
-from engine.generate import GenerationTimeout, generate_speculative
+from engine.generate import GenerationTimeout, StopCheck, generate_speculative
 from engine.target import TargetModel
 from engine.types import Controller, GenerationOutput, SamplingParams
 
@@ -32,6 +32,7 @@ class GenerationRequest:
         steps).
     time_steps: whether the steps' StepStats carry draft and verify seconds (see `generate_speculative`).
     eos_token_ids: the tokens that end this generation; None: the target config's eos_token_id.
+    stop_check: the caller's own stop rule on the new tokens (`engine.generate.StopCheck`), e.g. stop strings.
     """
 
     prompt_ids: list[int]
@@ -42,6 +43,7 @@ class GenerationRequest:
     timeout_s: float | None = None
     time_steps: bool | None = None
     eos_token_ids: tuple[int, ...] | None = None
+    stop_check: StopCheck | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ def generate_batch(
                 deadline=deadline,
                 time_steps=request.time_steps,
                 eos_token_id=None if request.eos_token_ids is None else list(request.eos_token_ids),
+                stop_check=request.stop_check,
             )
             results.append(RequestResult(output=output))
         except GenerationTimeout as error:

@@ -10,6 +10,7 @@ Token ids in, token ids out: no tokenizer, no prompts, no Ray here.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +109,25 @@ def append_tokens(
     return None
 
 
+# A caller's stop rule on the new tokens so far (e.g. stop strings, `actors.stops`): None to go on, or how many of
+# them to keep (the generation then ends there, finish reason "stop").
+StopCheck = Callable[[list[int]], int | None]
+
+
+def apply_stop_check(
+    output: list[int], prompt_length: int, finish: str | None, stop_check: StopCheck | None
+) -> str | None:
+    """Run `stop_check` after every step, even one that ended the generation otherwise (a stop inside the step
+    comes before its eos or its last allowed token); cut `output` to what it keeps."""
+    if stop_check is None:
+        return finish
+    keep = stop_check(output[prompt_length:])
+    if keep is None:
+        return finish
+    del output[prompt_length + keep :]
+    return "stop"
+
+
 def check_deadline(deadline: float | None, started: float, num_new_tokens: int) -> None:
     if deadline is not None and time.perf_counter() > deadline:
         raise GenerationTimeout(
@@ -129,9 +149,12 @@ def generate_speculative(
     generator: torch.Generator | None = None,
     deadline: float | None = None,
     time_steps: bool | None = None,
+    stop_check: StopCheck | None = None,
 ) -> GenerationOutput:
     """EAGLE-2 generation of one sequence. Returns ids [1, prompt + new] and one StepStats per step.
 
+    stop_check: run on the new tokens after every step (`StopCheck`); tokens it cuts off were accepted by the
+        target, so the output equals plain decoding with the same check.
     deadline: a time.perf_counter() value; a step that would start after it raises GenerationTimeout instead
         (a step already running finishes first, so a generation overruns it by at most one step).
     time_steps: fill each StepStats' draft and verify seconds. None: on the CPU, where it is free, and not on
@@ -147,6 +170,7 @@ def generate_speculative(
     prefill = target.prefill(ids, cache)
     first_token = sample_token(prefill.logits[0, -1], sampling, generator)
     finish = append_tokens(output, [first_token], rules, prompt_length)
+    finish = apply_stop_check(output, prompt_length, finish, stop_check)
     pending = PendingDraftInput(prefill.features, torch.tensor([output[1:]], device=target.device))
     steps: list[StepStats] = []
     while finish is None:
@@ -161,6 +185,7 @@ def generate_speculative(
         capped = params.capped(rules.tokens_left(before, prompt_length))
         step = run_step(target, drafter, cache, pending, capped, before - 1, sampling, generator, timer)
         finish = append_tokens(output, step.new_token_ids, rules, prompt_length)
+        finish = apply_stop_check(output, prompt_length, finish, stop_check)
         pending = step.next_pending
         steps.append(step.stats(len(steps), params, len(output) - before, before))
         controller.observe(steps[-1])
@@ -185,6 +210,7 @@ def generate_plain(
     max_length: int | None = None,
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
+    stop_check: StopCheck | None = None,
 ) -> GenerationOutput:
     """Plain autoregressive decoding with the same stop rules: the reference for identity tests."""
     started = time.perf_counter()
@@ -198,6 +224,7 @@ def generate_plain(
         logits = target.prefill(step_input, cache).logits[0, -1]
         token = sample_token(logits, sampling, generator)
         finish = append_tokens(output, [token], rules, prompt_length)
+        finish = apply_stop_check(output, prompt_length, finish, stop_check)
         step_input = torch.tensor([[token]], device=target.device)
     return GenerationOutput(
         output_ids=torch.tensor([output]),

@@ -158,7 +158,7 @@ class GenerationOutput:
     num_prompt_tokens: int
     num_new_tokens: int
     steps: list[StepStats] = field(default_factory=list)
-    finish_reason: str = "length"  # "eos" | "length" | "context"
+    finish_reason: str = "length"  # "eos" | "length" | "context" | "stop" (a stop check ended it)
     wall_seconds: float = 0.0
 
     @property

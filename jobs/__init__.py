@@ -9,6 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+# How the running command is spelled in its --help and errors: `eagleray.cli` sets it (e.g. 'eagleray generate');
+# None: `python -m jobs.<module>`.
+command_name: str | None = None
+
 ENTRY_POINTS = (
     "bench",
     "bench_cache",
@@ -39,6 +43,11 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         ):
             return help_text
         return f"{help_text} (default: %(default)s)"
+
+
+def program(module: str) -> str:
+    """The `prog` of an entry point's parser: 'python -m jobs.<module>', or the `eagleray` command that runs it."""
+    return command_name or f"python -m jobs.{module}"
 
 
 def refuse_to_run(module: str, what: str) -> None:

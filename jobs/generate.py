@@ -10,7 +10,9 @@ command that builds it). The default input is examples/chat_prompts.parquet, hel
 id (e.g. HuggingFaceTB/SmolLM2-135M-Instruct) that is in the local HF cache; the job never downloads one.
 Rows come from the input's messages column (--messages-column, default messages: a list of {role, content})
 when it has one, else from its prompt column; both go through the tokenizer's chat template, a prompt as one
-user message, unless the tokenizer has none or --no-chat-template is given. The output folder gets Parquet files with
+user message, unless the tokenizer has none or --no-chat-template is given. A row may carry its own
+sampling_params struct (max_tokens, temperature, top_p, top_k, seed, stop), as Ray Data LLM rows do; the flags
+are the defaults. The output folder gets Parquet files with
 every input column plus generated_text, num_input_tokens, num_generated_tokens, finish_reason (stop, length or
 context), num_steps, mean_accepted_tokens, time_taken_llm, tree_params and __inference_error__ (null on
 success), and _stats.json with the job summary. Exit status: 0 when the job ran (error rows included), 1 when
@@ -37,7 +39,8 @@ from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 from pydantic import ValidationError
 
-from common.config import GenerateConfig, describe_validation_error
+from common.config import GenerateConfig, ProcessorConfig, describe_validation_error
+from jobs import program
 from jobs.models import DEFAULT_ROOT
 from pipeline.checks import check_models
 from pipeline.inputs import InputError, resolve_input
@@ -81,8 +84,14 @@ def _parser_type(kind: type, optional: bool):
 
 def add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per `GenerateConfig` field, named `option_name(field)`, with the field's description as help
-    and its default (booleans as --x / --no-x). Required fields without a job default are left out here."""
-    for name, field in GenerateConfig.model_fields.items():
+    and its default (booleans as --x / --no-x), the job's own (input, output, ...) first, then the processor's.
+    Required fields without a job default are left out here."""
+    fields = GenerateConfig.model_fields
+    job_first = [name for name in fields if name not in ProcessorConfig.model_fields] + [
+        name for name in fields if name in ProcessorConfig.model_fields
+    ]
+    for name in job_first:
+        field = fields[name]
         help_text = (field.description or "").replace("%", "%%")
         kind, optional = _value_type(field.annotation)
         if kind is bool:
@@ -109,7 +118,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.generate",
+        prog=program("generate"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

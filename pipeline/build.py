@@ -1,11 +1,11 @@
-"""The Ray Data dataflow and one job run.
+"""The job's Ray Data dataflow and one job run.
 
-    read_parquet -> prepare rows: ids, skip done, validate (tasks) -> map_batches(GenerationActor, ActorPoolStrategy)
+    read_parquet -> ids, skip done (tasks) -> the processor (`pipeline.processor`: validate rows, generate)
       -> write_parquet
 
 `build_pipeline` wires the dataset; `run_generate` checks the input and output first (fatal problems stop the job
 before any actor starts), works out what an earlier run of the same job already wrote (`pipeline.resume`),
-connects to or starts Ray, creates the job's stats collector (always) and the shared cache actor (only with
+connects to or starts Ray, starts the processor (the job's stats collector, and the shared cache actor only with
 `shared_cache`), executes the pipeline, then collects every actor's stats into one summary, printed and written
 to `<output>/_stats.json`.
 
@@ -28,21 +28,18 @@ from dataclasses import dataclass
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
-from ray.data import ActorPoolStrategy, DataContext, Dataset
+from ray.data import DataContext, Dataset
 
-from actors.context_cache import get_or_create_context_cache
-from actors.generation import GenerationActor
-from actors.stats import ActorStats
-from actors.stats_collector import create_stats_collector
 from common.columns import ERROR_COLUMN
 from common.config import GenerateConfig
 from pipeline.inputs import InputError, InputFiles, resolve_input, split_uri
 from pipeline.lock import hold_output_lock
+from pipeline.processor import Processor
 from pipeline.quiet import absorb_actor_restart_warning, draws_bars
-from pipeline.resources import IO_TASK_CPUS, ActorResources, plan_actor_resources
+from pipeline.resources import IO_CPU_RESERVE, IO_TASK_CPUS
 from pipeline.resume import JOB_NAME, ResumeState, list_result_files, plan_resume
-from pipeline.rows import prepare_batch
-from pipeline.summary import aggregate_actor_stats, format_summary
+from pipeline.rows import skip_done_batch
+from pipeline.summary import format_summary
 
 STATS_NAME = "_stats.json"
 ACTOR_STATS_NAME = "_actor_stats.json"
@@ -60,17 +57,9 @@ def num_read_blocks(num_rows: int, config: GenerateConfig) -> int:
 
 
 def build_pipeline(
-    config: GenerateConfig,
-    inputs: InputFiles,
-    resources: ActorResources,
-    resume: ResumeState,
-    cache,
-    stats_collector,
-    **actor_kwargs,
+    config: GenerateConfig, inputs: InputFiles, resume: ResumeState, processor: Processor
 ) -> Dataset:
-    """The dataset that, when written, generates every input row not already done (`resume`).
-    cache: the shared cache actor's handle, or None; stats_collector: the job's StatsCollector actor handle.
-    `actor_kwargs` go to GenerationActor."""
+    """The dataset that, when written, generates every input row not already done (`resume`)."""
     context = DataContext.get_current()
     # No bar while the dataset is created outside a terminal (its Parquet sampling bar would be \r fragments);
     # the run itself shows progress either way: bars in a terminal, log lines elsewhere (`pipeline.quiet`).
@@ -90,7 +79,7 @@ def build_pipeline(
     )
     dataset.context.enable_progress_bars = config.progress  # the context the run uses, shared downstream
     dataset = dataset.map_batches(
-        prepare_batch,
+        skip_done_batch,
         fn_kwargs={
             "config": config_dict,
             "done_digests": resume.done_digests,
@@ -99,20 +88,7 @@ def build_pipeline(
         batch_format="pyarrow",
         num_cpus=IO_TASK_CPUS,
     )
-    return dataset.map_batches(
-        GenerationActor,
-        fn_constructor_kwargs={
-            "config": config_dict,
-            "cache": cache,
-            "stats_collector": stats_collector,
-            **actor_kwargs,
-        },
-        compute=ActorPoolStrategy(size=config.num_actors),
-        batch_size=config.batch_size,
-        batch_format="pyarrow",
-        num_cpus=resources.num_cpus,
-        num_gpus=resources.num_gpus,
-    )
+    return processor(dataset)
 
 
 def prepare_output(location: str, overwrite: bool) -> tuple[pafs.FileSystem, str]:
@@ -200,23 +176,17 @@ def _run_locked(config: GenerateConfig, inputs: InputFiles, **actor_kwargs) -> d
     if not ray.is_initialized():
         ray.init(address=config.address, log_to_driver=True)
     absorb_actor_restart_warning()  # Ray Data's actor pool would log a harmless error (`pipeline.quiet`)
-    resources = plan_actor_resources(config, ray.cluster_resources())
     job_id = f"{config.job_name}-{uuid.uuid4().hex[:8]}"
-    namespace = config.namespace or f"eagleray-{job_id}"  # a job's own, unless configured to share
-    stats_collector = create_stats_collector(
-        job_id, namespace, local_output_path(filesystem, output_path, ACTOR_STATS_NAME)
+    processor = Processor(
+        config,
+        run_id=job_id,
+        stats_path=local_output_path(filesystem, output_path, ACTOR_STATS_NAME),
+        cache_snapshot_path=local_output_path(filesystem, output_path, CACHE_SNAPSHOT_NAME),
+        cache_snapshot_interval_s=CACHE_SNAPSHOT_INTERVAL_S,
+        cpu_reserve=IO_CPU_RESERVE,  # the job's own read, validate and write tasks are light
+        **actor_kwargs,
     )
-    cache = None
-    if config.shared_cache:
-        cache = get_or_create_context_cache(
-            config.cache_name,
-            namespace,
-            max_restarts=-1,  # a cache that always comes back (from its last snapshot); generation never waits
-            snapshot_path=local_output_path(filesystem, output_path, CACHE_SNAPSHOT_NAME),
-            snapshot_interval_s=CACHE_SNAPSHOT_INTERVAL_S,
-            similarity_threshold=config.similarity_threshold,
-            max_memory_bytes=int(config.cache_memory_mb * 2**20),
-        )
+    resources = processor.start()
     print(
         f"eagleray: {inputs.num_rows} rows from {len(inputs.paths)} file(s) -> {config.output}"
         + (f" ({resume.num_done} already done there, resuming)" if resume.num_done else "")
@@ -227,20 +197,15 @@ def _run_locked(config: GenerateConfig, inputs: InputFiles, **actor_kwargs) -> d
         print(f"eagleray: deleted {file}, cut off by an earlier run; its rows are generated again")
     started = time.perf_counter()
     started_at = time.time()
-    dataset = build_pipeline(
-        config, inputs, resources, resume, cache, stats_collector, run_id=job_id, **actor_kwargs
-    )
+    dataset = build_pipeline(config, inputs, resume, processor)
     dataset.write_parquet(output_path, filesystem=filesystem, ray_remote_args={"num_cpus": IO_TASK_CPUS})
     wall_seconds = time.perf_counter() - started
-    reports = ray.get(stats_collector.reports.remote())
-    ray.kill(stats_collector, no_restart=True)  # the job's own; its reports are now in the summary
-    summary = aggregate_actor_stats(
-        {reporter: ActorStats.from_dict(stats) for reporter, stats in reports.items()}
-    )
+    summary = processor.summary()
+    processor.close()  # the job's own collector; its reports are now in the summary
     written = count_output(filesystem, output_path, config.id_column)
     summary.update(
         job_id=job_id,
-        namespace=namespace,
+        namespace=processor.namespace,
         rows_in=inputs.num_rows,
         rows_out=written.rows,
         rows_resumed=resume.num_done,
@@ -254,7 +219,6 @@ def _run_locked(config: GenerateConfig, inputs: InputFiles, **actor_kwargs) -> d
             summary["first_batch_started_at"] - started_at if summary["first_batch_started_at"] else None
         ),
         tokens_per_wall_second=summary["generated_tokens"] / wall_seconds if wall_seconds else 0.0,
-        shared_cache=None if cache is None else ray.get(cache.stats.remote()),
         config=config.model_dump(),
     )
     with filesystem.open_output_stream(posixpath.join(output_path, STATS_NAME)) as stream:

@@ -2,7 +2,10 @@
 cluster.
 
 On a GPU cluster each actor takes one GPU (so actors = GPUs) and a share of the CPUs. On CPUs only, the actors
-split the cluster's CPUs, minus a small reserve for the read, validation and write tasks, which are light. An
+split the cluster's CPUs, minus a reserve for the other stages: the job's read, validation and write tasks are
+light (IO_CPU_RESERVE), while a processor applied to a user's dataset keeps a whole CPU (USER_STAGE_CPU_RESERVE)
+for the user's own stages, which ask Ray Data's default of one CPU per task; an actor pool that left less would
+wait forever for input that cannot be read. An
 actor sets its torch threads from the CPUs it was given (see `actors/generation.py`).
 Example: 2 CPUs, 1 actor -> 1.5 CPUs (1 thread, rounded down); 2 CPUs, 2 actors -> 0.75 CPUs each (1 thread each).
 """
@@ -11,10 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from common.config import GenerateConfig
+from common.config import ProcessorConfig
 
 IO_CPU_RESERVE = 0.5  # CPUs kept free for Ray Data's read / validate / write tasks
 IO_TASK_CPUS = 0.1  # what each of those tasks asks for
+USER_STAGE_CPU_RESERVE = (
+    1.0  # CPUs kept free for a user's own stages (Ray Data tasks ask for 1 CPU by default)
+)
 MAX_CPUS_PER_GPU_ACTOR = 8.0
 
 
@@ -28,9 +34,12 @@ class ResourceError(ValueError):
     """The cluster cannot hold the actors the job asks for (a job-level error, found before any actor starts)."""
 
 
-def plan_actor_resources(config: GenerateConfig, cluster: dict[str, float]) -> ActorResources:
+def plan_actor_resources(
+    config: ProcessorConfig, cluster: dict[str, float], reserve: float = IO_CPU_RESERVE
+) -> ActorResources:
     """Per-actor CPUs and GPUs for `config.num_actors` actors on a cluster with `cluster` resources
-    (`ray.cluster_resources()`); a ResourceError when they cannot all fit."""
+    (`ray.cluster_resources()`), leaving `reserve` CPUs to the other stages when config.cpus_per_actor is not
+    given; a ResourceError when they cannot all fit."""
     total_cpus = float(cluster.get("CPU", 0.0))
     total_gpus = float(cluster.get("GPU", 0.0))
     num_gpus = config.num_gpus_per_actor
@@ -43,7 +52,7 @@ def plan_actor_resources(config: GenerateConfig, cluster: dict[str, float]) -> A
         )
     num_cpus = config.cpus_per_actor
     if num_cpus is None:
-        spare = max(total_cpus - IO_CPU_RESERVE, 0.0)
+        spare = max(total_cpus - reserve, 0.0)
         num_cpus = spare / config.num_actors
         if num_gpus > 0:
             num_cpus = min(num_cpus, MAX_CPUS_PER_GPU_ACTOR)

@@ -51,6 +51,8 @@ JOB_FINGERPRINT_FIELDS = (
     "max_new_tokens_cap",
     "max_prompt_tokens",
     "temperature",
+    "top_p",
+    "top_k",
     "seed",
 )
 # Fingerprint fields that may name files or folders ("policy" may also be a keyword such as 'static').
@@ -114,6 +116,8 @@ def fingerprint_differences(recorded: dict, current: dict) -> list[str]:
     Recorded locations are put in canonical form too (an older record may hold them as given)."""
     lines = []
     for name, value in current.items():
+        if name not in recorded and value == GenerateConfig.model_fields[name].default:
+            continue  # a setting newer than the record, left at the default the older run had
         before = recorded.get(name)
         if isinstance(before, str):
             before = _canonical_setting(name, before)

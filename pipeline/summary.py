@@ -12,7 +12,7 @@ from dataclasses import asdict, fields
 
 from actors.decisions import DecisionCounters
 from actors.stats import ActorStats, GenerationTotals
-from common.columns import FINISH_REASONS
+from common.columns import FINISH_REASON_VALUES
 from policy.stats import OptimizationStats, format_stats
 
 
@@ -82,7 +82,7 @@ def format_finish_reasons(reasons: dict[str, int]) -> str:
     """The summary's line of the rows this run generated, by finish_reason: '  finished (this run's rows): 3 stop,
     2 length, 1 context (...)'."""
     line = "  finished (this run's rows): " + ", ".join(
-        f"{reasons.get(reason, 0)} {reason}" for reason in FINISH_REASONS.values()
+        f"{reasons.get(reason, 0)} {reason}" for reason in FINISH_REASON_VALUES
     )
     if reasons.get("context"):
         line += " (context: cut off by the model's context before max_new_tokens)"

@@ -143,6 +143,35 @@ def tiny_demo(tmp_path_factory) -> str:
     return root
 
 
+# The tiny demo tokenizer's special tokens are <s> (0), </s> (1, its eos) and <pad> (2): the template marks turns
+# with them, so skip_special_tokens keeps them out of generated_text.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def templated_copy(tiny_demo) -> Callable[..., str]:
+    """copy(folder, extra_eos=None) -> folder: the tiny demo target with a chat template (and, given extra_eos, a
+    generation config that lists them)."""
+    import json
+    import shutil
+
+    from demo.build import demo_paths
+
+    def copy(folder, extra_eos: list[int] | None = None) -> str:
+        shutil.copytree(demo_paths(tiny_demo)["target"], folder)
+        (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
+        if extra_eos is not None:
+            generation = json.loads((folder / "generation_config.json").read_text())
+            generation["eos_token_id"] = [generation["eos_token_id"], *extra_eos]
+            (folder / "generation_config.json").write_text(json.dumps(generation))
+        return str(folder)
+
+    return copy
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """A local Ray for the pipeline tests, started once and shared. A module that needs a different cluster

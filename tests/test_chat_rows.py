@@ -5,7 +5,6 @@ No cluster: the actor is called as a plain class, as in tests/test_generation_ac
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -25,12 +24,6 @@ from jobs import generate
 from pipeline.inputs import InputError, resolve_input
 from pipeline.rows import plan_row, validate_rows
 
-# The tiny demo tokenizer's special tokens are <s> (0), </s> (1, its eos) and <pad> (2): the template marks turns
-# with them, so skip_special_tokens keeps them out of generated_text.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
-)
 MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
 GOOD_MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def f(x):"}]
 
@@ -121,17 +114,6 @@ def test_the_eos_union():
 # ---- the actor -------------------------------------------------------------------------------------------------
 
 
-def templated_copy(tiny_demo: str, folder: Path, extra_eos: list[int] | None = None) -> str:
-    """The tiny demo target with a chat template (and, given extra_eos, a generation config that lists them)."""
-    shutil.copytree(demo_paths(tiny_demo)["target"], folder)
-    (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    if extra_eos is not None:
-        generation = json.loads((folder / "generation_config.json").read_text())
-        generation["eos_token_id"] = [generation["eos_token_id"], *extra_eos]
-        (folder / "generation_config.json").write_text(json.dumps(generation))
-    return str(folder)
-
-
 def actor_config(tiny_demo: str, model: str, **overrides) -> dict:
     paths = demo_paths(tiny_demo)
     values = {"model": model, "draft": paths["draft"], "max_new_tokens": 6, "shared_cache": False}
@@ -146,8 +128,8 @@ def run_actor(job: dict, table: pa.Table) -> tuple[pa.Table, list]:
 
 
 @pytest.fixture(scope="module")
-def templated_target(tiny_demo, tmp_path_factory) -> str:
-    return templated_copy(tiny_demo, tmp_path_factory.mktemp("chat") / "target")
+def templated_target(templated_copy, tmp_path_factory) -> str:
+    return templated_copy(tmp_path_factory.mktemp("chat") / "target")
 
 
 def test_a_prompt_becomes_one_templated_user_message_and_messages_are_templated(tiny_demo, templated_target):
@@ -201,14 +183,16 @@ def test_a_tokenizer_without_a_template_takes_raw_prompts_and_makes_messages_row
     assert requests == [] and out.num_rows == 2
 
 
-def test_the_generation_configs_end_of_turn_token_stops_generation(tiny_demo, templated_target, tmp_path):
+def test_the_generation_configs_end_of_turn_token_stops_generation(
+    tiny_demo, templated_target, templated_copy, tmp_path
+):
     """The token the target greedily emits first, listed as an eos in the generation config, ends the row there."""
     job = actor_config(tiny_demo, templated_target)
     actor = GenerationActor(job)
     _, prompt_ids, _ = actor.prompt_ids("def f(x):", is_messages=False)
     with torch.no_grad():
         first = int(actor.model.target.model(torch.tensor([prompt_ids])).logits[0, -1].argmax())
-    stopping = templated_copy(tiny_demo, tmp_path / "target", extra_eos=[first])
+    stopping = templated_copy(tmp_path / "target", extra_eos=[first])
     out, requests = run_actor(
         actor_config(tiny_demo, stopping), pa.table({"id": [1], "prompt": ["def f(x):"]})
     )

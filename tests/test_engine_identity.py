@@ -244,6 +244,63 @@ def test_eos_inside_a_multi_token_step_stops_exactly_there(tiny_target, prompt_f
     assert num_checked >= 3
 
 
+def test_a_stop_check_cuts_a_multi_token_step_exactly_as_plain_decoding(tiny_target, prompt_factory) -> None:
+    """A caller's stop rule (here: a two-token pattern, kept through its end) ends speculative generation at the
+    token plain decoding with the same rule ends at, even when the pattern ends inside a multi-token step."""
+    params = TreeParams(16, 4, 4)
+    num_checked = 0
+    for prompt in prompt_factory(12, 96, 3, 20, seed=37):
+        free = generate_speculative(
+            tiny_target.target, tiny_target.head, prompt, StaticController(params), max_new_tokens=30
+        )
+        new, chunks = free.new_token_ids, step_chunks(free)
+        # A pattern that ends at the second token of a later step of 3 or more tokens.
+        starts = [sum(len(chunk) for chunk in chunks[:index]) for index in range(len(chunks))]
+        end = next((starts[i] + 2 for i in range(1, len(chunks)) if len(chunks[i]) >= 3), None)
+        if end is None:
+            continue
+        pattern = new[end - 2 : end]
+        first = next(i + 2 for i in range(len(new) - 1) if new[i : i + 2] == pattern)
+
+        def stop_check(ids: list[int], pattern=pattern) -> int | None:
+            found = [i + 2 for i in range(len(ids) - 1) if ids[i : i + 2] == pattern]
+            return found[0] if found else None
+
+        output = generate_speculative(
+            tiny_target.target,
+            tiny_target.head,
+            prompt,
+            StaticController(params),
+            max_new_tokens=30,
+            stop_check=stop_check,
+        )
+        plain = generate_plain(tiny_target.target, prompt, max_new_tokens=30, stop_check=stop_check)
+        assert output.new_token_ids == plain.new_token_ids == new[:first]
+        assert output.finish_reason == plain.finish_reason == "stop"
+        # A stop that completes on the last token the row may emit is still a stop, not the length limit.
+        last = generate_speculative(
+            tiny_target.target,
+            tiny_target.head,
+            prompt,
+            StaticController(params),
+            max_new_tokens=first,
+            stop_check=stop_check,
+        )
+        assert last.new_token_ids == new[:first] and last.finish_reason == "stop"
+        # A check that never fires changes nothing: the length limit still ends the row.
+        never = generate_speculative(
+            tiny_target.target,
+            tiny_target.head,
+            prompt,
+            StaticController(params),
+            max_new_tokens=30,
+            stop_check=lambda ids: None,
+        )
+        assert never.new_token_ids == new and never.finish_reason == free.finish_reason == "length"
+        num_checked += 1
+    assert num_checked >= 3
+
+
 def test_eos_as_first_token_and_from_model_config(tiny_llama) -> None:
     prompt = [4, 8, 15, 16, 23, 42]
     first = generate_plain(tiny_llama.target, prompt, max_new_tokens=1).new_token_ids[0]

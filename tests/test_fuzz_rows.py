@@ -38,7 +38,8 @@ from pipeline.rows import (
     RowPlan,
     plan_row,
     plan_rows,
-    prepare_batch,
+    skip_done_batch,
+    validate_batch,
     validate_rows,
 )
 
@@ -314,13 +315,16 @@ def test_an_error_already_on_a_row_is_kept_and_validation_is_idempotent(case, da
 @settings(max_examples=150, deadline=None)
 @given(row_tables(), st.data())
 def test_row_stage_leaves_out_only_finished_rows(case, data):
-    """`prepare_batch` (the pipeline's row stage, config as a dict): the rows whose id a previous run finished are
-    left out; every other row comes back, in order, unchanged and validated."""
+    """`skip_done_batch` (the job's read stage, config as a dict) then `validate_batch` (the processor's row
+    stage): the rows whose id a previous run finished are left out; every other row comes back, in order,
+    unchanged and validated."""
     table, config = case
     ids = table.column("id").to_pylist()
     done = data.draw(st.sets(st.sampled_from(ids)) if ids else st.just(set()))
     done_digests = np.sort(id_digests(sorted(done)))
-    staged = prepare_batch(table, config.model_dump(), done_digests, generate_ids=False)
+    staged = validate_batch(
+        skip_done_batch(table, config.model_dump(), done_digests, generate_ids=False), config.model_dump()
+    )
     remaining = table.filter(pa.array([row_id not in done for row_id in ids], type=pa.bool_()))
     expected = validate_rows(remaining, config)
     assert staged.column_names == expected.column_names

@@ -155,6 +155,10 @@ def test_the_actor_takes_the_rows_as_planned_and_refuses_unplanned_ones(actor_co
     planned = planned.append_column(ERROR_COLUMN, pa.array([None, "planned as an error"], type=pa.string()))
     planned = planned.append_column(PLAN_COLUMNS[1], pa.array([2, None], type=pa.int64()))
     planned = planned.append_column(PLAN_COLUMNS[2], pa.array([0.0, None], type=pa.float64()))
+    planned = planned.append_column(PLAN_COLUMNS[3], pa.array([1.0, None], type=pa.float64()))
+    planned = planned.append_column(PLAN_COLUMNS[4], pa.array([0, None], type=pa.int64()))
+    planned = planned.append_column(PLAN_COLUMNS[5], pa.array([None, None], type=pa.int64()))
+    planned = planned.append_column(PLAN_COLUMNS[6], pa.array([[], None], type=pa.list_(pa.string())))
     out = actor(planned)
     generated = out.column("num_generated_tokens").to_pylist()
     assert 1 <= generated[0] <= 2 and generated[1] is None  # 2 new tokens at most, not the job's 6

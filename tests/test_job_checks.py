@@ -15,7 +15,7 @@ import torch
 
 from actors.generation import ActorRow, GenerationActor
 from actors.stats import ActorStats, GenerationTotals
-from common.columns import ERROR_COLUMN, FINISH_REASONS, RESULT_SCHEMA
+from common.columns import ERROR_COLUMN, FINISH_REASON_VALUES, RESULT_SCHEMA
 from common.config import GenerateConfig
 from demo.build import demo_paths
 from engine.batch import RequestResult
@@ -91,7 +91,7 @@ def test_a_prompt_near_the_context_limit_finishes_with_context(tiny_demo):
 
 def test_the_summary_counts_each_finish_reason():
     assert RESULT_SCHEMA.field("finish_reason").type == pa.string()
-    assert sorted(FINISH_REASONS.values()) == ["context", "length", "stop"]
+    assert sorted(FINISH_REASON_VALUES) == ["context", "length", "stop"]
     first = actor_stats("a", GenerationTotals(rows_ok=3, finish_stop=1, finish_context=2))
     second = actor_stats("b", GenerationTotals(rows_ok=2, finish_length=2))
     summary = aggregate_actor_stats({"a/1": first, "b/2": second})

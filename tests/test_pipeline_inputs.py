@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from actors.decisions import best_tree
 from actors.generation import compact_trees, row_seed
-from common.columns import ERROR_COLUMN, PLAN_MAX_NEW_TOKENS_COLUMN, PLAN_TEMPERATURE_COLUMN
+from common.columns import ERROR_COLUMN, PLAN_COLUMNS, PLAN_MAX_NEW_TOKENS_COLUMN, PLAN_TEMPERATURE_COLUMN
 from common.config import GenerateConfig, describe_validation_error
 from engine.types import DraftConfidence, StepStats, TreeParams
 from pipeline.inputs import InputError, resolve_input
@@ -171,15 +171,7 @@ def test_validate_rows_keeps_every_row_and_column():
     )
     validated = validate_rows(table, make_config(max_new_tokens=64, temperature=0.5))
     assert validated.num_rows == 4
-    assert validated.column_names == [
-        "id",
-        "prompt",
-        "max_new_tokens",
-        "extra",
-        ERROR_COLUMN,
-        PLAN_MAX_NEW_TOKENS_COLUMN,
-        PLAN_TEMPERATURE_COLUMN,
-    ]
+    assert validated.column_names == ["id", "prompt", "max_new_tokens", "extra", *PLAN_COLUMNS]
     errors = validated.column(ERROR_COLUMN).to_pylist()
     assert errors[0] is None
     assert "null" in errors[1] and "whitespace" in errors[2] and "max_new_tokens" in errors[3]

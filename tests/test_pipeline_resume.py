@@ -14,7 +14,7 @@ import pytest
 from common.config import GenerateConfig
 from pipeline.inputs import InputError, resolve_input
 from pipeline.resume import JOB_NAME, id_digests, is_done, plan_resume
-from pipeline.rows import prepare_batch
+from pipeline.rows import skip_done_batch
 
 
 def config_for(tmp_path, **overrides) -> GenerateConfig:
@@ -55,7 +55,7 @@ def test_a_fresh_output_gets_a_job_record_and_a_rerun_reads_back_the_finished_id
     assert state.deleted_files == [str(tmp_path / "out" / "part-1.parquet")]
     assert not (tmp_path / "out" / "part-1.parquet").exists()
     batch = pa.table({"id": [1, 2, 3, 4], "prompt": ["p0", "p1", "p2", "p3"]})
-    left = prepare_batch(batch, config_for(tmp_path).model_dump(), state.done_digests, False)
+    left = skip_done_batch(batch, config_for(tmp_path).model_dump(), state.done_digests, False)
     assert left.column("id").to_pylist() == [1, 3]
 
 
@@ -86,5 +86,5 @@ def test_input_without_ids_names_rows_by_their_hash(tmp_path):
     )
     assert state.generate_ids
     batch = pa.table({"prompt": ["a", "b"], "row_hash": pa.array([7, 9], pa.uint64())})
-    prepared = prepare_batch(batch, config.model_dump(), state.done_digests, True)
+    prepared = skip_done_batch(batch, config.model_dump(), state.done_digests, True)
     assert prepared.column_names[:2] == ["prompt", "id"] and prepared.column("id").to_pylist() == [7, 9]
