@@ -33,7 +33,7 @@ from engine.chat import chat_eos_token_ids, has_chat_template, prompt_ids
 from engine.draft_head import DraftHead
 from engine.target import TargetModel
 from engine.types import EAGLE_DEFAULT_TREE, TreeParams
-from jobs import HelpFormatter
+from jobs import HelpFormatter, program
 from jobs.models import DEFAULT_ROOT, ensure_models
 from jobs.prompts import read_prompt_column
 from jobs.results import write_json
@@ -47,7 +47,7 @@ DEFAULT_PROMPTS = "examples/chat_prompts.parquet"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.bench", description=__doc__, formatter_class=HelpFormatter
+        prog=program("bench"), description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("--prompts", default=DEFAULT_PROMPTS, help="Parquet file with a prompt column")
     parser.add_argument(

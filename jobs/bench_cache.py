@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from actors.context_cache import get_or_create_context_cache
 from actors.lookup_link import LookupLinkClient
-from jobs import HelpFormatter
+from jobs import HelpFormatter, program
 from jobs.results import write_json
 from policy.context_index import ContextIndex
 from policy.context_snapshot import FLAT_MAX_ENTRIES
@@ -53,7 +53,7 @@ NAMESPACE = "eagleray-bench"
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.bench_cache", description=__doc__, formatter_class=HelpFormatter
+        prog=program("bench_cache"), description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("--num-entries", type=int, default=100_000, help="entries to fill the cache with")
     parser.add_argument("--num-queries", type=int, default=2000, help="timed single look-ups (half hits)")

@@ -38,7 +38,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from actors.generation import GenerationActor
 from common.config import GenerateConfig
 from engine.chat import chat_eos_token_ids, eos_token_ids, has_chat_template, prompt_ids
-from jobs import HelpFormatter
+from jobs import HelpFormatter, program
 from jobs.models import DEFAULT_ROOT, ensure_models
 from jobs.prompts import read_prompt_column
 from jobs.results import write_json
@@ -49,7 +49,7 @@ from pipeline.rows import validate_rows
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.bench_pipeline",
+        prog=program("bench_pipeline"),
         description=__doc__,
         formatter_class=HelpFormatter,
     )

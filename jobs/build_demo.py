@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 
 from demo.build import DEFAULT_DEMO_ROOT, PRESETS, format_report
-from jobs import HelpFormatter
+from jobs import HelpFormatter, program
 from jobs.demo import build_all
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.build_demo", description=__doc__, formatter_class=HelpFormatter
+        prog=program("build_demo"), description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), default="full", help="full (~10 min) or tiny (for the tests)"

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 
+from jobs import program
 from jobs.models import DEFAULT_ROOT, build_target, copy_committed
 
 CHAT_PROMPTS = "examples/chat_prompts.parquet"
@@ -35,7 +36,7 @@ def build_examples() -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.build_models",
+        prog=program("build_models"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

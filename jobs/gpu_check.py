@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from jobs import HelpFormatter
+from jobs import HelpFormatter, program
 from jobs.models import DEFAULT_ROOT, ensure_models
 from jobs.results import write_json
 
@@ -29,7 +29,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.gpu_check", description=__doc__, formatter_class=HelpFormatter
+        prog=program("gpu_check"), description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("--device", default="cuda", help="torch device to check on: cuda, cuda:1, cpu")
     parser.add_argument("--dtypes", default="bf16,fp32", help=f"comma list of {sorted(DTYPES)}")

@@ -34,7 +34,7 @@ from actors.stats_collector import find_stats_collectors
 from common.columns import ERROR_COLUMN
 from common.config import GenerateConfig
 from demo.build import DEFAULT_DEMO_ROOT, demo_paths
-from jobs import HelpFormatter
+from jobs import HelpFormatter, program
 from jobs.demo import ensure_demo
 from jobs.prompts import read_prompt_column
 from jobs.results import write_json
@@ -42,9 +42,7 @@ from pipeline.build import run_generate
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.soak", description=__doc__, formatter_class=HelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog=program("soak"), description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--rows", type=int, default=2000, help="input rows (default: %(default)s)")
     parser.add_argument(
         "--kill-every-s",

@@ -27,7 +27,7 @@ from assets.draft_data import (
 )
 from engine.chat import chat_eos_token_ids, prompt_ids
 from engine.types import TreeParams
-from jobs import HelpFormatter
+from jobs import HelpFormatter, program
 from jobs.prompts import read_prompt_column
 from training.train_draft import DraftTrainConfig, target_continuations, train_draft_head
 
@@ -38,7 +38,7 @@ SHAREGPT_MAX_PROMPT_TOKENS = 256  # longer first turns are skipped, not cut (a c
 def _parser() -> argparse.ArgumentParser:
     defaults = DraftTrainConfig()
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.train_draft", description=__doc__, formatter_class=HelpFormatter
+        prog=program("train_draft"), description=__doc__, formatter_class=HelpFormatter
     )
     parser.add_argument("--target", required=True, help="folder of a HF causal LM (save_pretrained layout)")
     data = parser.add_mutually_exclusive_group(required=True)

@@ -23,7 +23,7 @@ from assets.draft_data import first_turn_prompts
 from engine.chat import chat_eos_token_ids, has_chat_template, prompt_ids
 from engine.draft_head import DraftHead
 from engine.target import TargetModel
-from jobs import HelpFormatter
+from jobs import HelpFormatter, program
 from jobs.models import DEFAULT_ROOT
 from jobs.prompts import read_prompt_column
 from jobs.train_draft import SHAREGPT_MAX_PROMPT_TOKENS
@@ -32,7 +32,7 @@ from training.train_policy import PolicyTrainConfig, train_policy
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m jobs.train_policy", description=__doc__, formatter_class=HelpFormatter
+        prog=program("train_policy"), description=__doc__, formatter_class=HelpFormatter
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompts", help="Parquet file with a prompt column")
