@@ -10,23 +10,18 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 import eagleray
 from eagleray import cli
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = (
-    "eagleray",
-    "engine",
-    "policy",
-    "training",
-    "bench",
-    "demo",
-    "assets",
-    "common",
-    "actors",
-    "pipeline",
-    "jobs",
+# The packages pyproject.toml declares ("engine*" -> "engine").
+PACKAGES = tuple(
+    pattern.removesuffix("*")
+    for pattern in tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"][
+        "find"
+    ]["include"]
 )
 
 
@@ -108,7 +103,7 @@ def test_the_wheel_ships_the_package_and_declares_the_command(tmp_path):
         names = archive.namelist()
         entry_points = next(name for name in names if name.endswith("entry_points.txt"))
         declared = archive.read(entry_points).decode()
-    assert "eagleray/__init__.py" in names and "eagleray/cli.py" in names
+    assert "eagleray" in PACKAGES and "eagleray/cli.py" in names
     for package in PACKAGES:
         assert f"{package}/__init__.py" in names
     assert "[console_scripts]" in declared and "eagleray = eagleray.cli:main" in declared

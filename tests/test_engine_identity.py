@@ -248,11 +248,20 @@ def test_a_stop_check_cuts_a_multi_token_step_exactly_as_plain_decoding(tiny_tar
     """A caller's stop rule (here: a two-token pattern, kept through its end) ends speculative generation at the
     token plain decoding with the same rule ends at, even when the pattern ends inside a multi-token step."""
     params = TreeParams(16, 4, 4)
+
+    def speculative(prompt, max_new_tokens=30, stop_check=None):
+        return generate_speculative(
+            tiny_target.target,
+            tiny_target.head,
+            prompt,
+            StaticController(params),
+            max_new_tokens=max_new_tokens,
+            stop_check=stop_check,
+        )
+
     num_checked = 0
     for prompt in prompt_factory(12, 96, 3, 20, seed=37):
-        free = generate_speculative(
-            tiny_target.target, tiny_target.head, prompt, StaticController(params), max_new_tokens=30
-        )
+        free = speculative(prompt)
         new, chunks = free.new_token_ids, step_chunks(free)
         # A pattern that ends at the second token of a later step of 3 or more tokens.
         starts = [sum(len(chunk) for chunk in chunks[:index]) for index in range(len(chunks))]
@@ -266,36 +275,15 @@ def test_a_stop_check_cuts_a_multi_token_step_exactly_as_plain_decoding(tiny_tar
             found = [i + 2 for i in range(len(ids) - 1) if ids[i : i + 2] == pattern]
             return found[0] if found else None
 
-        output = generate_speculative(
-            tiny_target.target,
-            tiny_target.head,
-            prompt,
-            StaticController(params),
-            max_new_tokens=30,
-            stop_check=stop_check,
-        )
+        output = speculative(prompt, stop_check=stop_check)
         plain = generate_plain(tiny_target.target, prompt, max_new_tokens=30, stop_check=stop_check)
         assert output.new_token_ids == plain.new_token_ids == new[:first]
         assert output.finish_reason == plain.finish_reason == "stop"
         # A stop that completes on the last token the row may emit is still a stop, not the length limit.
-        last = generate_speculative(
-            tiny_target.target,
-            tiny_target.head,
-            prompt,
-            StaticController(params),
-            max_new_tokens=first,
-            stop_check=stop_check,
-        )
+        last = speculative(prompt, max_new_tokens=first, stop_check=stop_check)
         assert last.new_token_ids == new[:first] and last.finish_reason == "stop"
         # A check that never fires changes nothing: the length limit still ends the row.
-        never = generate_speculative(
-            tiny_target.target,
-            tiny_target.head,
-            prompt,
-            StaticController(params),
-            max_new_tokens=30,
-            stop_check=lambda ids: None,
-        )
+        never = speculative(prompt, stop_check=lambda ids: None)
         assert never.new_token_ids == new and never.finish_reason == free.finish_reason == "length"
         num_checked += 1
     assert num_checked >= 3
