@@ -42,6 +42,7 @@ from pydantic import ValidationError
 from common.config import GenerateConfig, ProcessorConfig, describe_validation_error
 from jobs import program
 from jobs.models import DEFAULT_ROOT
+from pipeline import checks as pipeline_checks
 from pipeline.checks import check_models
 from pipeline.inputs import InputError, resolve_input
 from pipeline.resources import ResourceError
@@ -170,14 +171,7 @@ def check_model_folders(config: GenerateConfig) -> GenerateConfig:
     """The model, draft and policy folders exist where the driver runs (actors load them from the same paths).
     Returns the config with --model as a folder (`resolve_model`)."""
     config = config.model_copy(update={"model": resolve_model(config.model)})
-    folders = {"--model": config.model, "--draft": config.draft}
-    if config.policy_kind == "learned":
-        folders["--policy"] = config.policy
-    for option, folder in folders.items():
-        if not os.path.isdir(folder):
-            raise ValueError(f"{option} {folder!r} is not a folder")
-    if not os.path.isfile(os.path.join(config.model, "config.json")):
-        raise ValueError(f"--model {config.model!r} has no config.json; is it a Hugging Face model folder?")
+    pipeline_checks.check_model_folders(config)
     return config
 
 

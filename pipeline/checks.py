@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 
-from common.config import GenerateConfig
+from common.config import ProcessorConfig
 from engine.types import TreeParams
 from policy.actions import DEFAULT_ACTIONS
 from policy.checkpoint import load_policy
@@ -64,7 +64,7 @@ def check_draft_fits_target(model: str, draft: str) -> dict:
     return target
 
 
-def policy_trees(config: GenerateConfig) -> list[TreeParams]:
+def policy_trees(config: ProcessorConfig) -> list[TreeParams]:
     """The trees the job's policy may choose (none for 'static', which runs --tree). Loads a policy folder as
     each actor will; ModelCheckError naming it when that fails."""
     kind = config.policy_kind
@@ -80,8 +80,23 @@ def policy_trees(config: GenerateConfig) -> list[TreeParams]:
     return list(checkpoint.actions)
 
 
-def check_models(config: GenerateConfig) -> None:
-    """Run every check above on a job's config (the model folders are known to exist)."""
+def check_model_folders(config: ProcessorConfig) -> None:
+    """ModelCheckError unless the model and draft folders (and a learned policy's) exist here, where the
+    driver runs; actors load them from the same paths."""
+    folders = {"--model": config.model, "--draft": config.draft}
+    if config.policy_kind == "learned":
+        folders["--policy"] = config.policy
+    for option, folder in folders.items():
+        if not os.path.isdir(folder):
+            raise ModelCheckError(f"{option} {folder!r} is not a folder")
+    if not os.path.isfile(os.path.join(config.model, CONFIG_NAME)):
+        raise ModelCheckError(
+            f"--model {config.model!r} has no config.json; is it a Hugging Face model folder?"
+        )
+
+
+def check_models(config: ProcessorConfig) -> None:
+    """Run every check above on a config (the model folders are known to exist)."""
     vocab_size = check_draft_fits_target(config.model, config.draft)["vocab_size"]
     for option, trees in (
         ("--tree", [config.static_tree]),

@@ -32,6 +32,7 @@ from actors.stats import ActorStats
 from actors.stats_collector import create_stats_collector
 from common.columns import ERROR_COLUMN
 from common.config import ProcessorConfig
+from pipeline.checks import check_model_folders, check_models
 from pipeline.resources import IO_TASK_CPUS, USER_STAGE_CPU_RESERVE, ActorResources, plan_actor_resources
 from pipeline.rows import validate_batch
 from pipeline.summary import aggregate_actor_stats
@@ -187,7 +188,8 @@ def build_processor(
     postprocess: RowFunction | None = None,
     **options,
 ) -> Processor:
-    """A processor for `config`: `processor(dataset)` returns the generated dataset, lazily.
+    """A processor for `config`: `processor(dataset)` returns the generated dataset, lazily. The model, draft
+    head and policy are checked here, before any work (`pipeline.checks`: a ModelCheckError naming the problem).
 
     preprocess(row) -> row runs first (give the row `messages` or a `prompt`, and `sampling_params` if it has
     its own); postprocess(row) -> row runs on each generated row (it sees the input's columns and
@@ -198,4 +200,6 @@ def build_processor(
     for name, function in (("preprocess", preprocess), ("postprocess", postprocess)):
         if function is not None and not callable(function):
             raise TypeError(f"{name} must be a function of a row (dict) returning a row, got {function!r}")
+    check_model_folders(config)
+    check_models(config)  # the draft head and the policy fit the target
     return Processor(config, preprocess, postprocess, **options)

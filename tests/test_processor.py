@@ -17,6 +17,7 @@ from common.columns import ERROR_COLUMN, RESULT_SCHEMA
 from common.config import GenerateConfig, ProcessorConfig
 from demo.build import demo_paths
 from pipeline.build import run_generate
+from pipeline.checks import ModelCheckError
 from pipeline.processor import build_processor
 
 # Ray's workers cannot import this test module, so its row functions travel by value (as a user's script's do).
@@ -184,13 +185,19 @@ def test_bad_rows_carry_their_error(processed):
     assert all(rows[qid]["answer"] is None for qid in (15, 16, 17, 99))
 
 
-def test_the_processor_refuses_what_it_cannot_use(config):
+def test_the_processor_refuses_what_it_cannot_use(config, tmp_path):
     with pytest.raises(TypeError, match="takes a ProcessorConfig"):
         build_processor({"model": "m"})
     with pytest.raises(TypeError, match="preprocess must be a function"):
         build_processor(config, preprocess="messages")
     with pytest.raises(TypeError, match="takes a ray.data.Dataset"):
         build_processor(config)([{"prompt": "hi"}])
+    # Models that cannot work are refused before any actor starts.
+    with pytest.raises(ModelCheckError, match="--model '/no/such/model' is not a folder"):
+        build_processor(config.model_copy(update={"model": "/no/such/model"}))
+    (tmp_path / "config.json").write_text('{"hidden_size": 7, "vocab_size": 11}')
+    with pytest.raises(ModelCheckError, match="does not fit --model"):
+        build_processor(config.model_copy(update={"draft": str(tmp_path)}))
 
 
 def test_rows_that_already_have_a_result_column_stop_with_its_name(config):
