@@ -176,10 +176,12 @@ class Processor:
         return summary
 
     def close(self) -> None:
-        """End the stats collector (the run's own). The shared cache stays for others in its namespace."""
+        """End the stats collector (the run's own). The shared cache stays for others in its namespace. A
+        processor applied again after this starts afresh (a new collector, so new totals)."""
         if self.stats_collector is not None:
             ray.kill(self.stats_collector, no_restart=True)
             self.stats_collector = None
+        self.resources = None
 
 
 def build_processor(

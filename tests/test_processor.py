@@ -206,6 +206,10 @@ def test_rows_that_already_have_a_result_column_stop_with_its_name(config):
     with pytest.raises(Exception, match="generated_text"):
         dataset.take_all()
     processor.close()
+    assert processor.stats_collector is None
+    processor.start()  # applied again after close(), a processor starts a collector of its own again
+    assert processor.stats_collector is not None and processor.summary()["rows_ok"] == 0
+    processor.close()
 
 
 def test_without_stages_the_rows_keep_their_columns_and_gain_the_results(config, questions, job_texts):
