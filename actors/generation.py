@@ -5,7 +5,13 @@ prompt-level decision caches in front of the shared cache actor, and the dashboa
 (`__call__`, a pyarrow Table in and out):
 
     read the plan columns -> tokenize -> context check -> prompt decisions (local, then shared)
-      -> engine.generate_batch (batch in, batch out) -> detokenize -> result columns -> publish decisions + stats
+      -> the actor's engine thread (`actors.engine_runner`: continuous batching over every batch in flight)
+      -> detokenize -> result columns -> publish decisions + stats
+
+Trees: with max_batch_size above 1 every batch step's tree is chosen for the load by `policy.load_planner` (its
+latency table measured once per machine, `actors.planning`), or is the --tree of the 'static' policy. With
+max_batch_size 1, or with prompt decisions shared through the cache actor (they choose a tree per row), rows
+decode one at a time and each step's tree comes from the --policy's per-row controller.
 
 The rows come planned: the row stage has already checked each row and written its error and sampling settings
 (max_new_tokens, temperature, top_p, top_k, seed, stop strings: `common.columns.PLAN_SCHEMA`); the actor only
@@ -28,6 +34,7 @@ import copy
 import hashlib
 import math
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -39,7 +46,9 @@ from jinja2 import TemplateError
 from transformers.utils import logging as transformers_logging
 
 from actors.decisions import PromptController, PromptDecisions
+from actors.engine_runner import EngineRunner
 from actors.metrics import ActorMetrics
+from actors.planning import build_load_planner
 from actors.stats import ActorStats, GenerationTotals
 from actors.stops import StopStrings
 from common.columns import (
@@ -55,7 +64,7 @@ from common.columns import (
     RESULT_SCHEMA,
 )
 from common.config import ProcessorConfig
-from engine.batch import GenerationRequest, RequestResult, generate_batch
+from engine.batch import GenerationRequest, RequestResult
 from engine.chat import chat_eos_token_ids, chat_ids, has_chat_template
 from engine.ea_model import EaModel
 from engine.types import GenerationOutput, SamplingParams, StaticController, StepStats
@@ -86,14 +95,15 @@ class ActorRow:
 
 
 def compact_trees(steps: list[StepStats]) -> str:
-    """The per-step trees, run-length encoded: '12/11/1x5,8/4/2x3' = five steps of 12/11/1, then three of 8/4/2."""
+    """The per-step trees, run-length encoded: '12/11/1x5,8/4/2x3,plainx2' = five steps of 12/11/1, then three
+    of 8/4/2, then two plain steps (no draft)."""
     runs: list[list] = []
     for step in steps:
         if runs and runs[-1][0] == step.tree_params:
             runs[-1][1] += 1
         else:
             runs.append([step.tree_params, 1])
-    return ",".join(f"{tree.compact}x{count}" for tree, count in runs)
+    return ",".join(f"{'plain' if tree is None else tree.compact}x{count}" for tree, count in runs)
 
 
 def row_seed(job_seed: int, row_key: str) -> int:
@@ -161,7 +171,11 @@ class GenerationActor:
         # config's, not always the model config's.
         self.chat_eos_token_ids = chat_eos_token_ids(self.model.target.model, self.tokenizer)
         self.optimizer: RLInferenceOptimizer | None = None
-        self.controller = self._build_controller()
+        # Per-row choices (prompt decisions, or a batch of one) need rows to decode alone.
+        self.per_row_trees = self.config.max_batch_size == 1 or (
+            self.config.policy_kind == "learned" and self.config.shared_cache
+        )
+        self.controller = self._build_controller()  # per row; with the load planner it is never asked
         self.actor_id = self._actor_id()
         # A restarted actor keeps its id but starts a new process with fresh totals: each incarnation reports
         # its own, and the job summary adds them up.
@@ -178,6 +192,23 @@ class GenerationActor:
             self.decisions = PromptDecisions(
                 self.actor_id, load_encoder, cache, self.config.similarity_threshold
             )
+        planner = None
+        if not self.per_row_trees and self.config.policy_kind != "static":
+            planner = build_load_planner(
+                self.model.target, self.model.ea_layer, self.config.max_batch_size, log=self._log
+            )
+        self.planner = planner
+        self.runner = EngineRunner(
+            self.model.target,
+            self.model.ea_layer,
+            self.context_limit,
+            1 if self.per_row_trees else self.config.max_batch_size,
+            planner,
+            before_request,
+        )
+        # Ray Data may call a threaded actor with several batches at once: tokenizing, statistics and reports
+        # take this lock; only the wait for the engine runs unlocked.
+        self.lock = threading.Lock()
         in_actor = ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
         run_id = run_id or f"{self.config.job_name}-{uuid.uuid4().hex[:8]}"
         self.metrics = ActorMetrics(run_id, self.config.job_name, self.actor_id) if in_actor else None
@@ -185,6 +216,10 @@ class GenerationActor:
         self.init_seconds = time.perf_counter() - init_started
         self.first_batch_started_at: float | None = None  # wall-clock (time.time()) so the driver can compare
         self.last_batch_finished_at: float | None = None
+
+    @staticmethod
+    def _log(message: str) -> None:
+        print(f"[eagleray actor] {message}", flush=True)
 
     def _actor_id(self) -> str:
         if ray.is_initialized():
@@ -195,7 +230,7 @@ class GenerationActor:
 
     def _build_controller(self):
         kind = self.config.policy_kind
-        if kind == "static":
+        if kind == "static" or not self.per_row_trees:
             return StaticController(self.config.static_tree)
         if kind == "heuristic":
             return HeuristicController(DEFAULT_ACTIONS)
@@ -208,8 +243,16 @@ class GenerationActor:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         started = time.perf_counter()
-        if self.first_batch_started_at is None:
-            self.first_batch_started_at = time.time()
+        with self.lock:
+            if self.first_batch_started_at is None:
+                self.first_batch_started_at = time.time()
+            rows, todo, keys, controllers, requests = self._plan_requests(table)
+        results = self.runner.generate(requests)
+        with self.lock:
+            return self._finish_batch(table, rows, todo, keys, controllers, results, started)
+
+    def _plan_requests(self, table: pa.Table):
+        """The batch's rows, tokenized, and one engine request per row that is not an error row."""
         rows = self._read_rows(table)
         todo = [index for index, row in enumerate(rows) if row.error is None]
         ids_column = self._row_keys(table)
@@ -239,9 +282,9 @@ class GenerationActor:
             )
             for index, controller in zip(todo, controllers, strict=True)
         ]
-        results = generate_batch(
-            self.model.target, self.model.ea_layer, requests, self.context_limit, self.before_request
-        )
+        return rows, todo, keys, controllers, requests
+
+    def _finish_batch(self, table, rows, todo, keys, controllers, results, started) -> pa.Table:
         outputs: list[RequestResult | None] = [None] * len(rows)
         for index, result in zip(todo, results, strict=True):
             outputs[index] = result
@@ -260,6 +303,7 @@ class GenerationActor:
             except TimeoutError:
                 pass  # still publishing; the next report counts it
         columns = self._result_columns(rows, outputs)
+        self.totals.generation_seconds = self.runner.busy_seconds
         self.totals.batch_seconds += time.perf_counter() - started
         self.totals.num_batches += 1
         self.last_batch_finished_at = time.time()
@@ -385,7 +429,6 @@ class GenerationActor:
                 totals.generated_tokens += output.num_new_tokens
                 totals.steps += len(output.steps)
                 totals.emitted_in_steps += sum(step.num_emitted for step in output.steps)
-                totals.generation_seconds += output.wall_seconds
                 text = self.tokenizer.decode(output.new_token_ids, skip_special_tokens=True)
                 if output.finish_reason == "stop" and row.stop is not None:
                     text = row.stop.cut(text)

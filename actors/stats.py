@@ -31,7 +31,7 @@ class GenerationTotals:
     generated_tokens: int = 0
     steps: int = 0  # draft/verify steps
     emitted_in_steps: int = 0  # tokens those steps emitted: tau = emitted_in_steps / steps
-    generation_seconds: float = 0.0  # wall time inside the engine's generations
+    generation_seconds: float = 0.0  # wall time the actor's engine was busy (rows decode together)
     batch_seconds: float = 0.0  # wall time of whole batches (tokenizing, deciding, detokenizing included)
     num_batches: int = 0
     decision_seconds: float = 0.0  # the optimizer's deciding, a part of generation_seconds

@@ -86,6 +86,19 @@ class ProcessorConfig(BaseModel):
     )
     num_actors: int = Field(1, ge=1, description="generation actors (one per GPU on a GPU cluster)")
     batch_size: int = Field(16, ge=1, description="rows per batch handed to a generation actor")
+    max_batch_size: int = Field(
+        16,
+        ge=1,
+        description="rows an actor decodes together (continuous batching: finished rows leave, queued rows "
+        "join at every step); above 1 each step's tree is chosen for the load (plain decoding included), or is "
+        "--tree with the 'static' policy; 1: one row at a time, each step's tree from --policy",
+    )
+    max_concurrent_batches: int = Field(
+        2,
+        ge=1,
+        description="batches an actor works on at once, so one batch's last rows decode beside the next "
+        "batch's first",
+    )
     shared_cache: bool = Field(
         False,
         description="share prompt-level tree decisions across actors through the FAISS cache actor (off by "

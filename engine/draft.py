@@ -159,11 +159,16 @@ def _confidence(root_log_probs: torch.Tensor, tree: DraftTree) -> DraftConfidenc
     """root_log_probs [V'] on the draft's device: reduced there, so only two scalars cross to the host."""
     probs = root_log_probs.exp()
     top1_prob, entropy = torch.stack((probs.max(), -(probs * root_log_probs.clamp(min=-1e9)).sum())).tolist()
+    return tree_confidence(top1_prob, entropy, tree)
+
+
+def tree_confidence(root_top1_prob: float, root_entropy: float, tree: DraftTree) -> DraftConfidence:
+    """The confidence record of a drafted tree, given its root distribution's top-1 probability and entropy."""
     drafted = tree.scores[1:]
     deepest = tree.depths[1:] == tree.depths.max()
     return DraftConfidence(
-        root_top1_prob=top1_prob,
-        root_entropy=entropy,
+        root_top1_prob=root_top1_prob,
+        root_entropy=root_entropy,
         best_path_logprob=float(drafted[deepest].max()) if drafted.numel() else 0.0,
         mean_node_logprob=float(drafted.mean()) if drafted.numel() else 0.0,
     )

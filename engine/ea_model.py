@@ -1,5 +1,6 @@
 """`EaModel`: the official EAGLE entry points (`from_pretrained`, `eagenerate`, `naivegenerate`,
-`get_tokenizer`) over eagleray's engine, so EAGLE users can switch without changing code.
+`get_tokenizer`) over eagleray's engine, so EAGLE users can switch without changing code, plus
+`eagenerate_batch` for many prompts at once.
 
 Only the facade lives here; the loop is `generate.py`. Unlike the official class, the tree shape is a value
 passed per call (`tree_params=` or `rl_policy=`), never mutated model state.
@@ -12,10 +13,22 @@ import os
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from engine.batch import GenerationRequest, generate_batch
 from engine.draft_head import DraftHead
 from engine.generate import generate_plain, generate_speculative
 from engine.target import TargetModel
-from engine.types import Controller, GenerationOutput, SamplingParams, StaticController, TreeParams
+from engine.types import (
+    BatchPlanner,
+    Controller,
+    GenerationOutput,
+    SamplingParams,
+    StaticController,
+    TreeParams,
+)
+
+
+class GenerationFailed(Exception):
+    """Stands in `EaModel.eagenerate_batch`'s result for a prompt that could not be generated."""
 
 
 class EaModel(torch.nn.Module):
@@ -116,6 +129,49 @@ class EaModel(torch.nn.Module):
         if log:
             return output.output_ids, output.num_new_tokens, len(output.steps)
         return output.output_ids
+
+    def eagenerate_batch(
+        self,
+        prompts: list,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 0.0,
+        top_k: float = 0.0,
+        max_length: int = 2048,
+        max_batch_size: int = 16,
+        tree_params: TreeParams | None = None,
+        planner: BatchPlanner | None = None,
+        seeds: list[int] | None = None,
+    ) -> list:
+        """Batched speculative generation (`engine.batch.generate_batch`): up to `max_batch_size` prompts decode
+        together, continuously batched. prompts: token id lists or 1-D tensors. Returns one 1-D tensor (prompt +
+        new tokens) per prompt, in input order; a prompt that fails gets a `GenerationFailed` in its place, with
+        its error, and the others are unaffected.
+
+        Every step's tree: `planner`'s choice for the load (`policy.load_planner.LoadPlanner`), else
+        `tree_params` or the model's tree. seeds: one per prompt for sampling (default: its index)."""
+        if seeds is not None and len(seeds) != len(prompts):
+            raise ValueError(f"seeds has {len(seeds)} entries for {len(prompts)} prompts")
+        sampling = self._sampling(temperature, top_p, top_k)
+        controller = StaticController(tree_params or self.tree_params)
+        requests = []
+        for index, prompt in enumerate(prompts):
+            ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
+            seed = index if seeds is None else seeds[index]
+            requests.append(GenerationRequest(ids, max_new_tokens, controller, sampling, seed=seed))
+        results = generate_batch(
+            self.target,
+            self.ea_layer,
+            requests,
+            max_length=max_length,
+            max_batch_size=max_batch_size,
+            planner=planner,
+        )
+        self.last_results = results
+        return [
+            GenerationFailed(result.error) if result.error else result.output.output_ids[0]
+            for result in results
+        ]
 
     def naivegenerate(
         self,

@@ -20,7 +20,7 @@ from engine.draft_head import DraftHead
 from engine.step import run_step, step_timer
 from engine.target import TargetModel
 from engine.types import Controller, DecodingState, GenerationOutput, SamplingParams, StepStats
-from engine.verify import sample_token
+from engine.verify import keyed_choices, sample_token
 
 
 class GenerationTimeout(RuntimeError):
@@ -211,8 +211,12 @@ def generate_plain(
     eos_token_id: int | list[int] | None = None,
     generator: torch.Generator | None = None,
     stop_check: StopCheck | None = None,
+    noise_seed: int | None = None,
 ) -> GenerationOutput:
-    """Plain autoregressive decoding with the same stop rules: the reference for identity tests."""
+    """Plain autoregressive decoding with the same stop rules: the reference for identity tests.
+
+    noise_seed: sample with keyed noise (`engine.verify.keyed_choices`), as the batched engine does, instead
+    of drawing from `generator`; the reference for sampled rows of `engine.batch.generate_batch`."""
     started = time.perf_counter()
     ids, rules = prepare(target, input_ids, max_new_tokens, max_length, eos_token_id, generator)
     prompt_length = ids.shape[1]
@@ -222,7 +226,10 @@ def generate_plain(
     step_input = ids
     while finish is None:
         logits = target.prefill(step_input, cache).logits[0, -1]
-        token = sample_token(logits, sampling, generator)
+        if noise_seed is None:
+            token = sample_token(logits, sampling, generator)
+        else:
+            token = int(keyed_choices(logits[None], sampling, noise_seed, [len(output)])[0])
         finish = append_tokens(output, [token], rules, prompt_length)
         finish = apply_stop_check(output, prompt_length, finish, stop_check)
         step_input = torch.tensor([[token]], device=target.device)

@@ -131,13 +131,14 @@ class StepStats:
     """What one draft/verify step did. Observation and reward for the policy, a benchmark record, and a
     telemetry unit all at once.
 
+    tree_params: the tree drafted, or None for a plain step (no draft: the target decoded one token).
     accepted_length: drafted tokens the target accepted (0..depth+1); the step emits accepted_length + 1 tokens
         (the extra one is the target's own bonus token), fewer only if generation stopped inside the step.
     num_emitted: tokens this step actually appended to the output.
     """
 
     step_index: int
-    tree_params: TreeParams
+    tree_params: TreeParams | None
     accepted_length: int
     num_emitted: int
     draft_seconds: float
@@ -217,3 +218,44 @@ class StaticController:
 
     def finish(self, num_new_tokens: int, wall_seconds: float) -> None:
         return None
+
+
+@dataclass(frozen=True)
+class BatchState:
+    """What a batch planner sees before a batch step: how many rows decode together and how long they are."""
+
+    step_index: int
+    num_rows: int
+    context_lengths: tuple[int, ...]
+    num_queued: int = 0
+
+
+@dataclass(frozen=True)
+class BatchStepStats:
+    """What one batch step did, for the planner: the tree (None: plain decoding), every row's accepted drafts
+    and emitted tokens, and the step's two phases' wall seconds (0.0 when untimed)."""
+
+    step_index: int
+    tree_params: TreeParams | None
+    accepted_lengths: tuple[int, ...]
+    num_emitted: tuple[int, ...]
+    draft_seconds: float
+    verify_seconds: float
+    context_lengths: tuple[int, ...]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.accepted_lengths)
+
+    @property
+    def step_seconds(self) -> float:
+        return self.draft_seconds + self.verify_seconds
+
+
+class BatchPlanner(Protocol):
+    """Chooses the tree of every batch step (None: plain decoding, no draft) for the load: the engine calls
+    `decide` before every step and `observe` after it."""
+
+    def decide(self, state: BatchState) -> TreeParams | None: ...
+
+    def observe(self, stats: BatchStepStats) -> None: ...

@@ -66,7 +66,14 @@ def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> VerifyResult:
 
     The argmax over the vocabulary runs where the logits are; only its N+1 ids move to the tree's device (the
     host), where the path matching is O(tree)."""
-    predicted = logits.argmax(-1).to(tree.paths.device)  # [N+1] the target's choice after each node
+    return verify_choices(tree, logits.argmax(-1).to(tree.paths.device))
+
+
+def verify_choices(tree: DraftTree, predicted: torch.Tensor) -> VerifyResult:
+    """The longest root-to-leaf path whose every token is the target's choice at its parent.
+
+    predicted [N+1] (host): the token the target emits after each node, decided without looking at the tree:
+    its argmax (greedy) or its keyed sample (`keyed_choices`)."""
     paths = tree.paths  # [L, D+1]
     node_tokens = tree.token_ids[0]
     children = paths[:, 1:]
@@ -83,6 +90,35 @@ def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> VerifyResult:
         accepted_token_ids=node_tokens[nodes[1:]].tolist(),
         bonus_token_id=int(predicted[nodes[-1]]),
     )
+
+
+# Keyed sampling. The token at sequence index t is argmax(log p_t + g_t), where g_t is Gumbel noise drawn from a
+# generator seeded by (seed, t) alone: an exact sample of p_t (the Gumbel-max trick), fixed by the seed and the
+# position, whatever tree, batch or step produced the logits. Verification then needs no rejection step: a
+# drafted child is accepted when it equals its parent's keyed sample, exactly as in greedy, and a speculative
+# row emits the very tokens plain decoding with the same seed emits. The batched engine samples this way, so a
+# row's text depends on its seed, never on its batch neighbours or on the trees the policy chose.
+_SEED_MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9)
+
+
+def keyed_noise(seed: int, position: int, vocab_size: int, device: torch.device) -> torch.Tensor:
+    """The Gumbel noise [V] for sequence index `position` of a generation seeded with `seed`."""
+    key = (seed * _SEED_MIX[0] + (position + 1) * _SEED_MIX[1]) % (2**63 - 1)
+    generator = torch.Generator(device=device).manual_seed(key)
+    uniform = torch.rand(vocab_size, generator=generator, device=device, dtype=torch.float64)
+    return (-torch.log(-torch.log(uniform.clamp(min=1e-300)))).float()
+
+
+def keyed_choices(
+    logits: torch.Tensor, sampling: SamplingParams, seed: int, positions: list[int]
+) -> torch.Tensor:
+    """The target's token after each of Q nodes: logits [Q, V], positions[i] the sequence index node i's token
+    goes to. Greedy: the argmax. Else the keyed sample. Returns [Q] on the logits' device."""
+    if sampling.is_greedy:
+        return logits.argmax(-1)
+    noise = {p: keyed_noise(seed, p, logits.shape[-1], logits.device) for p in sorted(set(positions))}
+    scores = target_probabilities(logits, sampling).log() + torch.stack([noise[p] for p in positions])
+    return scores.argmax(-1)
 
 
 def verify_sampling(

@@ -60,6 +60,18 @@ class _Guarded:
         return result
 
 
+def _actor_pool(config: ProcessorConfig) -> ActorPoolStrategy:
+    """A fixed pool; with max_concurrent_batches above 1 each actor takes that many batches at once, on threads
+    of its own that feed its one engine thread (`actors.engine_runner`)."""
+    if config.max_concurrent_batches == 1:
+        return ActorPoolStrategy(size=config.num_actors)
+    return ActorPoolStrategy(
+        size=config.num_actors,
+        max_concurrent_calls_per_actor=config.max_concurrent_batches,
+        enable_true_multi_threading=True,
+    )
+
+
 class Processor:
     """Generation as a Ray Data stage. Build it with `build_processor`; apply it with `processor(dataset)`.
 
@@ -153,7 +165,7 @@ class Processor:
                 "run_id": self.run_id,
                 **self.actor_kwargs,
             },
-            compute=ActorPoolStrategy(size=self.config.num_actors),
+            compute=_actor_pool(self.config),
             batch_size=self.config.batch_size,
             batch_format="pyarrow",
             num_cpus=resources.num_cpus,

@@ -171,19 +171,20 @@ def test_row_limits_give_named_errors_and_spare_the_other_rows(actor_config, tin
     """A prompt over max_prompt_tokens, and a row that runs past the row time limit, become error rows."""
     config = {**actor_config, "max_prompt_tokens": 6, "shared_cache": False, "max_new_tokens": 40}
 
-    def slow_third(index, request):  # index among the generated rows: the second is the table's third
-        if index == 1:
-            # The generation starts after its deadline has passed: it stops before its first step.
+    def slow_first(index, request):  # index among the generated rows: the first is the table's first
+        if index == 0:
+            # The generation starts after its deadline has passed: it stops before its first step. (Rows that
+            # join after it start their clocks later; rows already decoding would count the wait too.)
             import time
 
             time.sleep(1.2)
 
     # 1 s: well above what 40 tokens take on the tiny demo, so only the slowed row runs past it.
-    actor = GenerationActor({**config, "row_timeout_s": 1.0}, before_request=slow_third)
+    actor = GenerationActor({**config, "row_timeout_s": 1.0}, before_request=slow_first)
     prompts = ["def f(x):", "x " * 40, "import os"]
     out = actor(validate_rows(pa.table({"id": [1, 2, 3], "prompt": prompts}), GenerateConfig(**config)))
     errors = out.column(ERROR_COLUMN).to_pylist()
-    assert errors[0] is None
+    assert errors[0].startswith("GenerationTimeout: over the 1 s limit")
     assert "above max_prompt_tokens=6" in errors[1]
-    assert errors[2].startswith("GenerationTimeout: over the 1 s limit")
-    assert out.column("generated_text").to_pylist()[0] is not None
+    assert errors[2] is None
+    assert out.column("generated_text").to_pylist()[2] is not None

@@ -2,7 +2,8 @@
 
 A tiny Llama over 12 tokens with a briefly trained draft head (drafts are accepted in roughly a third of the runs).
 The empirical distribution of the 2-token continuation over a few thousand seeded runs is compared, with a
-chi-square test, to the exact p(a | prompt) * p(b | prompt, a) enumerated with full forward passes.
+chi-square test, to the exact p(a | prompt) * p(b | prompt, a) enumerated with full forward passes: for the
+one-sequence loop (rejection sampling) and for the batched engine (keyed sampling, many rows per step).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
+from engine.batch import GenerationRequest, generate_batch
 from engine.generate import generate_speculative
 from engine.target import TargetModel
 from engine.types import SamplingParams, StaticController, TreeParams
@@ -124,5 +126,35 @@ def test_chi_square_would_detect_a_wrong_distribution(sampled, small_model) -> N
     """Negative control: the same samples tested against a slightly different temperature fail clearly."""
     setting, counts, _ = sampled
     sampling = SETTINGS[setting]
+    wrong = exact_two_token_distribution(small_model[0], sampling.temperature * 1.4, 0)
+    assert bucketed_chi_square(counts, wrong) < 1e-6
+
+
+@pytest.fixture(scope="module", params=list(SETTINGS))
+def sampled_in_batches(request, small_model) -> tuple[str, np.ndarray, int]:
+    """The same counts from the batched engine: every run a row of its own seed, 16 rows decoding together."""
+    _, target, head = small_model
+    sampling = SETTINGS[request.param]
+    requests = [
+        GenerationRequest(PROMPT, 2, StaticController(TREE), sampling=sampling, seed=seed)
+        for seed in range(NUM_RUNS)
+    ]
+    counts = np.zeros((VOCAB, VOCAB), dtype=np.int64)
+    num_accepting = 0
+    for result in generate_batch(target, head, requests, max_batch_size=16):
+        a, b = result.output.new_token_ids
+        counts[a, b] += 1
+        num_accepting += result.output.steps[0].accepted_length > 0
+    return request.param, counts, num_accepting
+
+
+def test_batched_rows_follow_the_target(sampled_in_batches, small_model) -> None:
+    """Keyed sampling in a batch: each row's continuation is an exact sample of the target distribution."""
+    setting, counts, num_accepting = sampled_in_batches
+    sampling = SETTINGS[setting]
+    exact = exact_two_token_distribution(small_model[0], sampling.temperature, sampling.top_k)
+    assert counts.sum() == NUM_RUNS
+    assert 0.1 * NUM_RUNS < num_accepting < 0.9 * NUM_RUNS
+    assert bucketed_chi_square(counts, exact) > 1e-3
     wrong = exact_two_token_distribution(small_model[0], sampling.temperature * 1.4, 0)
     assert bucketed_chi_square(counts, wrong) < 1e-6
