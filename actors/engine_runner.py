@@ -90,8 +90,19 @@ class EngineRunner:
                 engine.step()
             except Exception as error:  # a bug in the engine: fail the rows in flight, keep serving the next
                 engine.fail_all(f"{type(error).__name__}: {error}")
+            except BaseException as error:  # the thread is going away: no caller may wait forever
+                engine.fail_all(f"{type(error).__name__}: the engine thread stopped")
+                for index, _ in engine.queue:
+                    engine.results[index] = RequestResult(
+                        error=f"{type(error).__name__}: the engine thread stopped"
+                    )
+                self._deliver()
+                raise
             self.busy_seconds += time.perf_counter() - started
-            for key in list(engine.results):
-                result = engine.results.pop(key)
-                future, _ = self._futures.pop(key)
-                future.set_result(result)
+            self._deliver()
+
+    def _deliver(self) -> None:
+        results = self.engine.results
+        for key in list(results):
+            future, _ = self._futures.pop(key)
+            future.set_result(results.pop(key))

@@ -452,6 +452,7 @@ class GenerationActor:
     def stats(self) -> ActorStats:
         """This actor's cumulative statistics (a copy): totals, the optimizer's and the prompt decisions'."""
         totals = replace(self.totals)
+        totals.planner_failures = self.runner.engine.planner_failures
         optimizer = None
         if self.optimizer is not None:
             optimizer = copy.deepcopy(self.optimizer.snapshot())
@@ -469,6 +470,7 @@ class GenerationActor:
             totals=totals,
             optimizer=optimizer,
             decisions=None if self.decisions is None else copy.copy(self.decisions.counters),
+            batch_trees={} if self.planner is None else dict(self.planner.chosen),
         )
 
     def _report(self, row_seconds: list) -> None:

@@ -36,6 +36,7 @@ class GenerationTotals:
     num_batches: int = 0
     decision_seconds: float = 0.0  # the optimizer's deciding, a part of generation_seconds
     stats_report_failures: int = 0  # reports that did not reach the collector (later ones carried the totals)
+    planner_failures: int = 0  # batch steps whose load planner raised (they decoded plainly)
 
     @property
     def rows(self) -> int:
@@ -75,6 +76,9 @@ class ActorStats:
     totals: GenerationTotals = field(default_factory=GenerationTotals)
     optimizer: OptimizationStats | None = None
     decisions: DecisionCounters | None = None
+    batch_trees: dict[str, int] = field(
+        default_factory=dict
+    )  # the load planner's choices: tree -> batch steps
 
     def to_dict(self) -> dict:
         """Plain, JSON-able data (a copy): what travels to the collector and is kept in its file."""

@@ -184,6 +184,7 @@ class BatchEngine:
         self.batch: _Batch | None = None
         self.results: dict[int, RequestResult] = {}
         self.num_steps = 0
+        self.planner_failures = 0
 
     @property
     def idle(self) -> bool:
@@ -198,18 +199,20 @@ class BatchEngine:
         self.queue.append((index, request))
 
     def run(self) -> None:
-        """Step until every submitted request has a result."""
+        """Step until every submitted request has a result (an exception inside a step fails the rows then in
+        flight, with its message, and the rest go on)."""
         while not self.idle:
-            self.step()
+            try:
+                self.step()
+            except Exception as error:
+                self.fail_all(f"{type(error).__name__}: {error}")
 
     def fail_all(self, error: str) -> None:
-        """Give every row in flight and every queued request `error` as its result, and drop the batch (after
-        an exception inside a step, when the caches can no longer be trusted)."""
-        rows = [] if self.batch is None else self.batch.rows
-        for index in [row.index for row in rows] + [index for index, _ in self.queue]:
-            self.results.setdefault(index, RequestResult(error=error))
+        """Give every row in flight `error` as its result and drop the batch (after an exception inside a step,
+        when the caches can no longer be trusted); queued requests start afresh at the next step."""
+        for row in [] if self.batch is None else self.batch.rows:
+            self.results.setdefault(row.index, RequestResult(error=error))
         self.batch = None
-        self.queue.clear()
 
     # ---- one step boundary: admit, step, retire -------------------------------------------------------------
 
@@ -265,7 +268,7 @@ class BatchEngine:
             emitted.append(stats.num_emitted)
             if row is decided_by:
                 row.request.controller.observe(stats)
-        if self.planner is not None and decided_by is None:
+        if self.planner is not None and decided_by is self.planner:
             self.planner.observe(
                 BatchStepStats(
                     step_index=self.num_steps,
@@ -280,13 +283,18 @@ class BatchEngine:
         self.num_steps += 1
         self._retire()
 
-    def _decide(self, rows: list[_Row]) -> tuple[TreeParams | None, _Row | None]:
-        """The step's tree and, when a row's own controller chose it, that row."""
+    def _decide(self, rows: list[_Row]) -> tuple[TreeParams | None, _Row | BatchPlanner | None]:
+        """The step's tree and who chose it: the planner, a row (its own controller), or None (a plain step
+        after the planner failed)."""
         if self.planner is not None:
             state = BatchState(
                 self.num_steps, len(rows), tuple(row.context_length for row in rows), len(self.queue)
             )
-            return self.planner.decide(state), None
+            try:
+                return self.planner.decide(state), self.planner
+            except Exception:  # a planner that fails costs speed, never rows: this step decodes plainly
+                self.planner_failures += 1
+                return None, None
         row = rows[0]
         state = DecodingState(
             len(row.steps),

@@ -6,8 +6,12 @@ For each dtype it loads SmolLM2-135M-Instruct and its committed EAGLE head (mode
 converted on first use), then runs held-out prompts (half ShareGPT chat, half HumanEval code, through the chat
 template) with HF `generate` (greedy) and with EAGLE speculative decoding on --tree, one prompt at a time,
 interleaved. It prints tokens/s for both, the speedup, tau, and EAGLE's draft/verify milliseconds per step, and
-checks that every EAGLE output is token-identical to HF's. Exit status 1 on any mismatch (the first divergence
-of each is printed), 2 when the device is not there. `--device cpu` runs the same check on the CPU.
+checks that every EAGLE output is token-identical to HF's. Then, with --batch-size B above 1, the same prompts in
+batches: HF `generate` on left-padded batches of B against eagleray's batched engine (`engine.batch`, up to B rows
+decoding together on --tree), tokens/s of both and the identity of every batched row to HF's one-at-a-time greedy
+output. For each divergence it prints the first diverging new token and the target's top-2 logit gap there (a
+near-tie, a gap of a few hundredths in bf16, is rounding; a large gap is a bug). Exit status 1 on any mismatch,
+2 when the device is not there. `--device cpu` runs the same check on the CPU.
 """
 
 from __future__ import annotations
@@ -38,11 +42,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per prompt")
     parser.add_argument("--tree", default="60/5/10", help="EAGLE tree total_tokens/depth/top_k")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, help="rows per batch for the batched check (1: skip it)"
+    )
     parser.add_argument("--models-root", default=DEFAULT_ROOT, help="folder with target/ and draft/")
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
-    if args.num_prompts < 1 or args.max_new_tokens < 1:
-        parser.error("--num-prompts and --max-new-tokens must be >= 1")
+    if args.num_prompts < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
+        parser.error("--num-prompts, --max-new-tokens and --batch-size must be >= 1")
     unknown = [name for name in args.dtypes.split(",") if name not in DTYPES]
     if unknown:
         parser.error(f"--dtypes: unknown {unknown}; choose from {sorted(DTYPES)}")
@@ -61,6 +68,61 @@ def held_out_prompts(num_prompts: int) -> list[tuple[str, str]]:
 
 def first_divergence(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def top2_gap(model, ids: list[int]) -> float:
+    """The target's logit gap between its two most likely next tokens after `ids`."""
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids], device=model.device)).logits[0, -1].float()
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
+def divergence(
+    model, source: str, index: int, ids: list[int], output: list[int], reference: list[int]
+) -> dict:
+    at = first_divergence(output, reference)
+    gap = top2_gap(model, ids + reference[:at]) if at < min(len(output), len(reference)) else None
+    return {"prompt": index, "source": source, "first_divergence": at, "top2_logit_gap": gap}
+
+
+def check_batched(model, target, head, encoded, references, eos, controller, args, sync) -> dict:
+    """HF on left-padded batches against eagleray's batched engine, on the same prompts; identity to the
+    one-at-a-time HF references."""
+    from engine.batch import GenerationRequest, generate_batch
+    from jobs.bench_batch import run_hf
+
+    pad_id = eos[0] if eos else 0
+    prompts = [ids for _, ids in encoded]
+    sync()
+    hf = run_hf(model, prompts, args.batch_size, args.max_new_tokens, tuple(eos), pad_id)
+    sync()
+    requests = [
+        GenerationRequest(ids, args.max_new_tokens, controller, eos_token_ids=tuple(eos)) for ids in prompts
+    ]
+    started = time.perf_counter()
+    results = generate_batch(target, head, requests, max_batch_size=args.batch_size)
+    sync()
+    seconds = time.perf_counter() - started
+    outputs = [r.output.new_token_ids if r.output else [] for r in results]
+    mismatches = [
+        divergence(model, source, index, ids, output, reference)
+        for index, ((source, ids), output, reference) in enumerate(
+            zip(encoded, outputs, references, strict=True)
+        )
+        if output != reference
+    ]
+    tokens = sum(len(o) for o in outputs)
+    return {
+        "batch_size": args.batch_size,
+        "hf_batched_tokens_per_s": hf["new_tokens"] / hf["seconds"],
+        "eagle_batched_tokens_per_s": tokens / seconds,
+        "speedup": (tokens / seconds) / (hf["new_tokens"] / hf["seconds"]),
+        "identical": len(encoded) - len(mismatches),
+        "hf_batched_identical": sum(o == r for o, r in zip(hf["outputs"], references, strict=True)),
+        "mismatches": mismatches,
+        "errors": [r.error for r in results if r.error],
+    }
 
 
 def check_dtype(paths: dict, device: torch.device, dtype: torch.dtype, prompts, args) -> dict:
@@ -102,13 +164,14 @@ def check_dtype(paths: dict, device: torch.device, dtype: torch.dtype, prompts, 
     eagle(encoded[0][1], 8)
     hf_seconds = eagle_seconds = draft_seconds = verify_seconds = 0.0
     hf_tokens = eagle_tokens = steps = 0
-    mismatches = []
+    mismatches, references = [], []
     for index, (source, ids) in enumerate(encoded):
         sync()
         started = time.perf_counter()
         reference = hf(ids, args.max_new_tokens)
         sync()
         hf_seconds += time.perf_counter() - started
+        references.append(reference)
         started = time.perf_counter()
         out = eagle(ids, args.max_new_tokens)
         sync()
@@ -119,9 +182,11 @@ def check_dtype(paths: dict, device: torch.device, dtype: torch.dtype, prompts, 
         draft_seconds += sum(step.draft_seconds for step in out.steps)
         verify_seconds += sum(step.verify_seconds for step in out.steps)
         if out.new_token_ids != reference:
-            at = first_divergence(out.new_token_ids, reference)
-            mismatches.append({"prompt": index, "source": source, "first_divergence": at})
+            mismatches.append(divergence(model, source, index, ids, out.new_token_ids, reference))
     hf_rate, eagle_rate = hf_tokens / hf_seconds, eagle_tokens / eagle_seconds
+    batched = None
+    if args.batch_size > 1:
+        batched = check_batched(model, target, head, encoded, references, eos, controller, args, sync)
     return {
         "num_prompts": len(encoded),
         "hf_tokens_per_s": hf_rate,
@@ -132,7 +197,16 @@ def check_dtype(paths: dict, device: torch.device, dtype: torch.dtype, prompts, 
         "verify_ms_per_step": 1000 * verify_seconds / max(1, steps),
         "identical": len(encoded) - len(mismatches),
         "mismatches": mismatches,
+        "batched": batched,
     }
+
+
+def _divergence_line(name: str, miss: dict) -> str:
+    gap = "" if miss["top2_logit_gap"] is None else f"; top-2 logit gap there {miss['top2_logit_gap']:.4f}"
+    return (
+        f"  {name}: {miss['source']} prompt {miss['prompt']} differs from HF from new token "
+        f"{miss['first_divergence']}{gap}"
+    )
 
 
 def format_results(results: dict, tree: str) -> str:
@@ -147,11 +221,17 @@ def format_results(results: dict, tree: str) -> str:
             f"{r['speedup']:>7.2f}x {r['tau']:>5.2f} {r['draft_ms_per_step']:>9.1f} {r['verify_ms_per_step']:>10.1f} "
             f"{r['identical']:>4}/{r['num_prompts']:<5}"
         )
-        for miss in r["mismatches"]:
+        rows += [_divergence_line(name, miss) for miss in r["mismatches"]]
+        batched = r.get("batched")
+        if batched:
             rows.append(
-                f"  {name}: {miss['source']} prompt {miss['prompt']} differs from HF from new token "
-                f"{miss['first_divergence']}"
+                f"{name:<6} batches of {batched['batch_size']}: HF {batched['hf_batched_tokens_per_s']:.1f} tok/s, "
+                f"eagleray {batched['eagle_batched_tokens_per_s']:.1f} tok/s ({batched['speedup']:.2f}x), "
+                f"identical to HF one at a time: eagleray {batched['identical']}/{r['num_prompts']}, "
+                f"HF batched {batched['hf_batched_identical']}/{r['num_prompts']}"
             )
+            rows += [_divergence_line(f"{name} batched", miss) for miss in batched["mismatches"]]
+            rows += [f"  {name} batched: error {error}" for error in batched["errors"]]
     return "\n".join(rows)
 
 
@@ -175,7 +255,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.json:
         write_json(args.json, payload)
-    if any(r["mismatches"] for r in results.values()):
+    if any(
+        r["mismatches"] or (r["batched"] and (r["batched"]["mismatches"] or r["batched"]["errors"]))
+        for r in results.values()
+    ):
         print("jobs.gpu_check: EAGLE's greedy output differs from HF generate (see above)", file=sys.stderr)
         raise SystemExit(1)
     return payload

@@ -54,6 +54,11 @@ def aggregate_actor_stats(per_actor: dict[str, ActorStats]) -> dict:
         }
         for reporter, stats in sorted(per_actor.items())
     }
+    batch_trees: dict[str, int] = {}
+    for stats in per_actor.values():
+        for tree, count in stats.batch_trees.items():
+            batch_trees[tree] = batch_trees.get(tree, 0) + count
+    summary["batch_trees"] = dict(sorted(batch_trees.items(), key=lambda item: -item[1]))
     optimizers = [stats.optimizer for stats in per_actor.values() if stats.optimizer is not None]
     if optimizers:
         merged = OptimizationStats()
@@ -126,6 +131,13 @@ def format_summary(summary: dict) -> str:
             f"  engine: {summary['steps']} steps, tau {summary['mean_accepted_tokens']:.2f}, "
             f"{summary['tokens_per_generation_second']:.1f} tokens/s of generation time, deciding "
             f"{summary['decision_overhead_fraction']:.2%} of it"
+        )
+    if summary.get("batch_trees"):
+        chosen = ", ".join(f"{tree} {count}" for tree, count in summary["batch_trees"].items())
+        failures = summary.get("planner_failures", 0)
+        lines.append(
+            f"  trees chosen for the load, in batch steps: {chosen}"
+            + (f"; {failures} steps decoded plainly after a planner failure" if failures else "")
         )
     decisions = summary.get("prompt_decisions")
     if decisions:

@@ -8,8 +8,8 @@ same. `LoadPlanner` picks argmax B * tau / seconds over its candidates every ste
 - seconds come from a `LoadLatencyTable`: measured at start-up on this machine (`engine.load_timing`), cached on
   disk per machine and model, interpolated in rows and width, and moved towards every step's measured time;
 - tau per tree is learned online from the rows' accepted lengths (a step of B rows gives B observations), with an
-  optimism bonus that shrinks as a tree is tried; a chain (top_k 1) of depth d also tells what every shallower
-  chain would have accepted (min(accepted, depth + 1)), so those learn for free. Plain decoding's tau is 1.
+  optimism bonus that shrinks as a tree is tried. Chains share one model of how often each draft position is
+  accepted, so a step with one chain tells what every chain would have gained. Plain decoding's tau is 1.
 
 It never loses much to plain batched decoding: plain is always a candidate, and its cost is the table's.
 This module holds decisions and JSON only; it runs no model.
@@ -159,14 +159,23 @@ class _Acceptance:
 class LoadPlanner:
     """A `BatchPlanner`: the candidate with the most expected tokens per second for the batch's rows.
 
-    exploration: the optimism bonus on a tree's tau, in tokens, divided by sqrt(1 + observations / rows).
+    Chains (top_k 1) share one acceptance model: alpha_j, the share of rows that accept draft position j once
+    they accepted position j - 1, counted over every chain step (a row that accepted a tokens of a depth-d chain
+    accepted positions 1..a and, when a <= d, was rejected at a + 1). A chain of depth d then expects
+    tau = 1 + sum over j <= d + 1 of alpha_1 * ... * alpha_j; a position never reached yet takes the deepest
+    measured alpha. Wider trees keep their own running mean, starting from the chain of their depth.
+    exploration: an optimism bonus in tokens, divided by sqrt(1 + observations / rows), so a tree is tried a
+    few times and then judged by what it did.
     """
+
+    PRIOR_ALPHA = 0.5
+    PRIOR_WEIGHT = 2.0
 
     def __init__(
         self,
         latency: LoadLatencyTable,
         candidates: Sequence[TreeParams | None] = DEFAULT_CANDIDATES,
-        exploration: float = 0.5,
+        exploration: float = 0.3,
     ) -> None:
         if None not in candidates:
             candidates = (None, *candidates)
@@ -174,16 +183,35 @@ class LoadPlanner:
         self.candidates = tuple(candidates)
         self.exploration = exploration
         self.acceptance = {params: _Acceptance() for params in self.candidates if params is not None}
+        self.reached: list[int] = []  # per draft position j (index j - 1): chain rows that got to try it
+        self.accepted: list[int] = []  # ... and that accepted it
         self.chosen: dict[str, int] = {}
+
+    def alpha(self, position: int) -> float:
+        """The chance a row accepts draft position `position` (1-based) given it accepted the one before."""
+        index = min(position, len(self.reached)) - 1
+        if index < 0:
+            return self.PRIOR_ALPHA
+        reached, accepted = self.reached[index], self.accepted[index]
+        return (accepted + self.PRIOR_ALPHA * self.PRIOR_WEIGHT) / (reached + self.PRIOR_WEIGHT)
+
+    def chain_tau(self, depth: int) -> float:
+        tau, reach = 1.0, 1.0
+        for position in range(1, depth + 2):
+            reach *= self.alpha(position)
+            tau += reach
+        return tau
 
     def expected_tau(self, params: TreeParams | None, rows: int = 1, optimistic: bool = False) -> float:
         if params is None:
             return 1.0
-        stats = self.acceptance.setdefault(params, _Acceptance())
-        prior = 1.0 + 0.5 * min(params.depth + 1, 3)  # a modest head's guess, corrected within a few steps
-        tau = stats.mean(prior)
+        if params.top_k == 1:
+            tau, observations = self.chain_tau(params.depth), (self.reached[0] if self.reached else 0)
+        else:
+            stats = self.acceptance.setdefault(params, _Acceptance())
+            tau, observations = stats.mean(self.chain_tau(params.depth)), stats.count
         if optimistic:
-            tau += self.exploration / math.sqrt(1.0 + stats.count / max(rows, 1))
+            tau += self.exploration / math.sqrt(1.0 + observations / max(rows, 1))
         return min(tau, params.depth + 2.0)
 
     def throughput(self, params: TreeParams | None, rows: int, optimistic: bool = False) -> float:
@@ -206,7 +234,11 @@ class LoadPlanner:
         gains = [accepted + 1 for accepted in stats.accepted_lengths]
         self.acceptance.setdefault(params, _Acceptance()).add(sum(gains), len(gains))
         if params.top_k == 1:
-            for other in self.acceptance:
-                if other.top_k == 1 and other.depth < params.depth:
-                    shorter = sum(min(accepted, other.depth + 1) + 1 for accepted in stats.accepted_lengths)
-                    self.acceptance[other].add(shorter, len(gains))
+            positions = params.depth + 1
+            while len(self.reached) < positions:
+                self.reached.append(0)
+                self.accepted.append(0)
+            for accepted in stats.accepted_lengths:
+                for position in range(1, min(accepted + 1, positions) + 1):
+                    self.reached[position - 1] += 1
+                    self.accepted[position - 1] += position <= accepted

@@ -8,8 +8,11 @@ head is fitted for a fixed number of epochs (about a second on two cores) with t
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# Latency tables the actors measure go to a folder of the test run's own, not the user's ~/.cache/eagleray.
+os.environ.setdefault("EAGLERAY_CACHE_DIR", tempfile.mkdtemp(prefix="eagleray-test-cache-"))
 
 from collections.abc import Callable
 from dataclasses import dataclass

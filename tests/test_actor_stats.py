@@ -115,3 +115,16 @@ def test_a_killed_collector_comes_back_with_its_reports(local_ray, tmp_path):
             time.sleep(0.2)
     assert reports == {"actor-a": {"steps": 3, "pid": os.getpid()}}
     ray.kill(collector, no_restart=True)
+
+
+def test_summary_adds_up_the_trees_chosen_for_the_load():
+    per_actor = {
+        "a/1": actor_stats("a", 1, 3, batch_trees={"plain": 5, "3/2/1": 2}),
+        "b/2": actor_stats("b", 2, 2, batch_trees={"3/2/1": 4}),
+        "c/3": actor_stats("c", 3, 1),  # rows decoded one at a time: no batch steps
+    }
+    summary = aggregate_actor_stats(per_actor)
+    assert summary["batch_trees"] == {"3/2/1": 6, "plain": 5}
+    assert list(summary["batch_trees"]) == ["3/2/1", "plain"]  # most chosen first
+    again = ActorStats.from_dict(json.loads(json.dumps(per_actor["a/1"].to_dict())))
+    assert again.batch_trees == {"plain": 5, "3/2/1": 2}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from actors.engine_runner import EngineRunner
-from engine.batch import GenerationRequest, PlainController, generate_batch
+from engine.batch import BatchEngine, GenerationRequest, PlainController, generate_batch
 from engine.ea_model import EaModel, GenerationFailed
 from engine.generate import generate_plain
 from engine.load_timing import measure_batch_latency
@@ -249,6 +249,43 @@ def test_a_bad_request_fails_alone(tiny_target, batch_prompts) -> None:
         assert results[index].output.output_ids[0].tolist() == _plain(tiny_target, request)
 
 
+def test_a_failing_planner_costs_speed_not_rows(tiny_target, batch_prompts) -> None:
+    class BrokenPlanner:
+        def decide(self, state):
+            raise RuntimeError("planner broke")
+
+        def observe(self, stats):
+            raise AssertionError("a step the planner did not choose is not reported to it")
+
+    requests = _requests(batch_prompts[:6], PlainController())
+    engine = BatchEngine(tiny_target.target, tiny_target.head, max_batch_size=3, planner=BrokenPlanner())
+    for index, request in enumerate(requests):
+        engine.submit(index, request)
+    engine.run()
+    for index, request in enumerate(requests):
+        assert engine.results[index].output.output_ids[0].tolist() == _plain(tiny_target, request)
+    assert engine.planner_failures > 0
+
+
+def test_a_failing_step_fails_the_rows_in_flight_and_the_queue_goes_on(tiny_target, batch_prompts) -> None:
+    class ExplodingOnce(StaticController):  # raises on the second step of the first batch, then never again
+        raised = False
+
+        def decide(self, state):
+            if state.step_index == 1 and not ExplodingOnce.raised:
+                ExplodingOnce.raised = True
+                raise RuntimeError("controller broke")
+            return super().decide(state)
+
+    controller = ExplodingOnce(TreeParams(4, 2, 2))
+    # 12 new tokens: no row can finish in the one step before the failure (a step gains at most 4).
+    requests = [GenerationRequest(prompt, 12, controller) for prompt in batch_prompts[:6]]
+    results = generate_batch(tiny_target.target, tiny_target.head, requests, max_batch_size=3)
+    assert [r.error for r in results[:3]] == ["RuntimeError: controller broke"] * 3
+    for request, result in zip(requests[3:], results[3:], strict=True):
+        assert result.output.output_ids[0].tolist() == _plain(tiny_target, request)
+
+
 def test_eagenerate_batch_returns_tensors_in_order(tiny_target, batch_prompts) -> None:
     model = EaModel(tiny_target.model, tiny_target.head, TreeParams(8, 3, 3), None, "tiny")
     prompts = [batch_prompts[1], torch.tensor(batch_prompts[2]), [], batch_prompts[3]]
@@ -319,13 +356,15 @@ def test_planner_drafts_at_low_load_and_decodes_plainly_at_high_load() -> None:
     assert heavy.decide(BatchState(0, 16, (100,) * 16)) is None
 
 
-def test_a_chain_teaches_the_planner_about_shorter_chains() -> None:
+def test_a_chain_teaches_the_planner_about_every_chain() -> None:
     planner = LoadPlanner(_table(0.004))
     _observe(planner, TreeParams(6, 5, 1), [4, 0, 6])
-    shorter = planner.acceptance[TreeParams(2, 1, 1)]
-    # min(accepted, depth + 1) + 1 per row: min(4, 2) + 1, min(0, 2) + 1, min(6, 2) + 1
-    assert (shorter.total, shorter.count) == (3 + 1 + 3, 3)
-    assert planner.acceptance[TreeParams(8, 4, 2)].count == 0  # trees learn only from themselves
+    # Position j is reached by rows that accepted j - 1 and accepted by rows that accepted j.
+    assert planner.reached == [3, 2, 2, 2, 2, 1]
+    assert planner.accepted == [2, 2, 2, 2, 1, 1]
+    alpha_1, alpha_2 = (2 + 1) / (3 + 2), (2 + 1) / (2 + 2)  # with the prior: 0.5 weighted 2
+    assert planner.chain_tau(1) == pytest.approx(1 + alpha_1 + alpha_1 * alpha_2)
+    assert planner.acceptance[TreeParams(8, 4, 2)].count == 0  # wider trees learn only from themselves
 
 
 def test_latency_table_interpolates_and_round_trips(tmp_path) -> None:
