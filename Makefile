@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test lint demo bench bench-pipeline gpu-check clean
+.PHONY: install run test lint demo bench bench-batch bench-pipeline gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -40,8 +40,13 @@ bench: $(STAMP)
 gpu-check: $(STAMP)
 	$(PY) -m jobs.gpu_check --json outputs/gpu_check.json
 
+# HF generate on padded batches against eagleray's batched engine at B = 1, 4, 8, 16, 32 (about 25 minutes here).
+bench-batch: $(STAMP)
+	$(PY) -m jobs.bench_batch --num-prompts 32 --max-new-tokens 64 --batch-sizes 1,4,8,16,32 \
+		--json outputs/bench_batch.json
+
 bench-pipeline: $(STAMP)
-	$(PY) -m jobs.bench_pipeline --num-prompts 8 --max-new-tokens 48 --skip-cache-workload \
+	$(PY) -m jobs.bench_pipeline --num-prompts 32 --max-new-tokens 64 --skip-cache-workload \
 		--json outputs/bench_pipeline.json
 
 lint: $(STAMP)

@@ -66,6 +66,7 @@ class LoadLatencyTable:
     draft_round: dict[tuple[int, int], float]
     signature: dict = field(default_factory=dict)
     context: int = 0
+    corrections: dict[tuple, float] = field(default_factory=dict)  # this run's: observed / table, per shape
 
     @classmethod
     def from_measurements(cls, measured: dict, signature: dict | None = None) -> LoadLatencyTable:
@@ -88,13 +89,15 @@ class LoadLatencyTable:
         return _interpolate(by_rows, rows)
 
     def verify_seconds(self, rows: int, num_tokens: int) -> float:
-        return self._lookup(self.verify, rows, num_tokens)
+        measured = self._lookup(self.verify, rows, num_tokens)
+        return measured * self.corrections.get(("verify", rows, num_tokens), 1.0)
 
     def draft_seconds(self, rows: int, params: TreeParams | None) -> float:
         if params is None:
             return 0.0
         base = self._lookup(self.draft_base, rows, params.top_k)
-        return base + params.depth * self._lookup(self.draft_round, rows, params.top_k)
+        measured = base + params.depth * self._lookup(self.draft_round, rows, params.top_k)
+        return measured * self.corrections.get(("draft", rows, params.depth, params.top_k), 1.0)
 
     def step_seconds(self, rows: int, params: TreeParams | None) -> float:
         return self.draft_seconds(rows, params) + self.verify_seconds(rows, width(params))
@@ -102,12 +105,21 @@ class LoadLatencyTable:
     def observe(
         self, rows: int, params: TreeParams | None, draft_seconds: float, verify_seconds: float
     ) -> None:
-        """Move the shapes this step used towards its measured seconds (an exponential average, weight 0.1)."""
-        key = (rows, width(params))
-        self.verify[key] = 0.9 * self.verify_seconds(*key) + 0.1 * verify_seconds
-        if params is not None and params.depth == 0:
-            base_key = (rows, params.top_k)
-            self.draft_base[base_key] = 0.9 * self._lookup(self.draft_base, *base_key) + 0.1 * draft_seconds
+        """Move the estimates of the shapes this step used towards its measured seconds: a correction factor
+        per shape over the start-up table (an exponential average, weight 0.1), so that a shape the run uses
+        tracks its real cost (context growth, host work, a busy machine) and the others keep the table's."""
+        self._correct(
+            ("verify", rows, width(params)), self._lookup(self.verify, rows, width(params)), verify_seconds
+        )
+        if params is not None:
+            base = self._lookup(self.draft_base, rows, params.top_k)
+            measured = base + params.depth * self._lookup(self.draft_round, rows, params.top_k)
+            self._correct(("draft", rows, params.depth, params.top_k), measured, draft_seconds)
+
+    def _correct(self, key: tuple, measured: float, observed: float) -> None:
+        if measured <= 0 or observed <= 0:
+            return
+        self.corrections[key] = 0.9 * self.corrections.get(key, 1.0) + 0.1 * observed / measured
 
     # ---- the per-machine cache file -------------------------------------------------------------------------
 

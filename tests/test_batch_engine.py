@@ -385,3 +385,13 @@ def test_latency_table_interpolates_and_round_trips(tmp_path) -> None:
     assert again.verify == table.verify and again.draft_round == table.draft_round
     assert LoadLatencyTable.load(path, {"machine": "another"}) is None
     assert LoadLatencyTable.load(str(tmp_path / "missing.json"), {}) is None
+
+
+def test_observed_steps_correct_the_shapes_they_used_only() -> None:
+    table = _table(0.004)
+    before_plain, before_wide = table.verify_seconds(15, 1), table.verify_seconds(15, 7)
+    for _ in range(50):  # plain steps of 15 rows that take twice what the table says
+        table.observe(15, None, 0.0, 2 * before_plain)
+    assert table.verify_seconds(15, 1) == pytest.approx(2 * before_plain, rel=0.02)
+    assert table.verify_seconds(15, 7) == pytest.approx(before_wide)  # not measured at 15 rows: unchanged
+    assert table.verify_seconds(15, 7) > table.verify_seconds(15, 1) / 2
