@@ -172,9 +172,7 @@ class GenerationActor:
         self.chat_eos_token_ids = chat_eos_token_ids(self.model.target.model, self.tokenizer)
         self.optimizer: RLInferenceOptimizer | None = None
         # Per-row choices (prompt decisions, or a batch of one) need rows to decode alone.
-        self.per_row_trees = self.config.max_batch_size == 1 or (
-            self.config.policy_kind == "learned" and self.config.shared_cache
-        )
+        self.per_row_trees = not self.config.batches_rows
         self.controller = self._build_controller()  # per row; with the load planner it is never asked
         self.actor_id = self._actor_id()
         # A restarted actor keeps its id but starts a new process with fresh totals: each incarnation reports

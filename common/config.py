@@ -165,6 +165,24 @@ class ProcessorConfig(BaseModel):
         return TreeParams.parse(self.tree)
 
     @property
+    def batches_rows(self) -> bool:
+        """Whether actors decode rows together. Not with max_batch_size 1, nor with prompt decisions shared
+        through the cache (a learned policy with shared_cache), which choose a tree per row."""
+        return self.max_batch_size > 1 and not (self.policy_kind == "learned" and self.shared_cache)
+
+    @property
+    def tree_choice(self) -> str:
+        """How each step's tree is chosen, in words (the job's start line)."""
+        if self.policy_kind == "static":
+            chosen = f"trees: {self.tree} on every step"
+        else:
+            chosen = (
+                "trees: chosen for the load" if self.batches_rows else f"trees: the {self.policy_kind} policy"
+            )
+        rows = f"up to {self.max_batch_size} rows together" if self.batches_rows else "one row at a time"
+        return f"{chosen}, {rows}"
+
+    @property
     def policy_kind(self) -> str:
         """'static', 'heuristic' or 'learned' (a policy folder)."""
         return self.policy if self.policy in POLICY_KEYWORDS else "learned"

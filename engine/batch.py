@@ -33,7 +33,6 @@ from engine.batch_draft import BatchDraftCache, BatchDrafter
 from engine.draft import PendingDraftInput
 from engine.draft_head import DraftHead
 from engine.generate import (
-    GenerationTimeout,
     StopCheck,
     StopRules,
     append_tokens,
@@ -315,11 +314,6 @@ class BatchEngine:
             index, request = self.queue.popleft()
             try:
                 joined = self._prefill(index, request)
-            except GenerationTimeout as error:
-                self.results[index] = RequestResult(
-                    error=f"GenerationTimeout: over the {request.timeout_s:g} s limit: {error}"
-                )
-                continue
             except Exception as error:  # one request's failure is that request's result; the batch goes on
                 self.results[index] = RequestResult(error=f"{type(error).__name__}: {error}")
                 continue

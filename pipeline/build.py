@@ -190,8 +190,8 @@ def _run_locked(config: GenerateConfig, inputs: InputFiles, **actor_kwargs) -> d
     print(
         f"eagleray: {inputs.num_rows} rows from {len(inputs.paths)} file(s) -> {config.output}"
         + (f" ({resume.num_done} already done there, resuming)" if resume.num_done else "")
-        + f"; {config.num_actors} actor(s) x {resources.num_cpus:g} CPU, {resources.num_gpus:g} GPU; policy "
-        f"{config.policy_kind}; shared cache {'on' if config.shared_cache else 'off'}; job {job_id}"
+        + f"; {config.num_actors} actor(s) x {resources.num_cpus:g} CPU, {resources.num_gpus:g} GPU; "
+        f"{config.tree_choice}; shared cache {'on' if config.shared_cache else 'off'}; job {job_id}"
     )
     for file in resume.deleted_files:
         print(f"eagleray: deleted {file}, cut off by an earlier run; its rows are generated again")

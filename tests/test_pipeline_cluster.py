@@ -39,7 +39,8 @@ def two_node_cluster():
 def test_two_nodes_generate_and_share_the_cache(two_node_cluster, tiny_demo, tmp_path):
     paths = demo_paths(tiny_demo)
     distinct = pq.read_table(paths["prompts"]).column("prompt").to_pylist()[:4]
-    prompts = [distinct[i % len(distinct)] for i in range(16)]  # each prompt four times
+    # Each prompt twelve times, in 24 batches: enough work that the second actor is up before the first is done.
+    prompts = [distinct[i % len(distinct)] for i in range(48)]
     input_path = tmp_path / "prompts.parquet"
     pq.write_table(pa.table({"id": list(range(len(prompts))), "prompt": prompts}), input_path)
     config = GenerateConfig(
