@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test lint demo bench bench-batch bench-pipeline gpu-check clean
+.PHONY: install run test lint demo bench bench-batch bench-pipeline bench-cross-drafts gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +44,12 @@ gpu-check: $(STAMP)
 bench-batch: $(STAMP)
 	$(PY) -m jobs.bench_batch --num-prompts 32 --max-new-tokens 64 --batch-sizes 1,4,8,16,32 \
 		--json outputs/bench_batch.json
+
+# The same 2-actor job with and without cross-request drafts: 200 templated extraction prompts, then 64 held-out
+# chat prompts (about 40 minutes here).
+bench-cross-drafts: $(STAMP)
+	$(PY) -m jobs.bench_cross_drafts --workload templated --num-prompts 200 --json outputs/bench_cross_templated.json
+	$(PY) -m jobs.bench_cross_drafts --workload chat --num-prompts 64 --json outputs/bench_cross_chat.json
 
 bench-pipeline: $(STAMP)
 	$(PY) -m jobs.bench_pipeline --num-prompts 32 --max-new-tokens 64 --skip-cache-workload \

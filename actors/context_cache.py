@@ -15,6 +15,11 @@ Look-ups also come over the actor's look-up link (`lookup_link()`, see `lookup_l
 connection served on this event loop, for callers to whom a Ray call's own latency matters. The generation
 actors use it, and fall back to the Ray methods when it fails. `python -m jobs.bench_cache` measures both paths.
 
+It also holds the job's finished outputs (`policy.output_store.OutputStore`): generation actors
+`publish_outputs` (token ids under their prompt's embedding, per model fingerprint) and fetch the
+`similar_outputs` of a starting prompt, which become its retrieved draft branches (`actors.cross_drafts`).
+Snapshots save them beside the index (`<snapshot>/outputs/`).
+
 Not here: the index itself (`policy/context_index.py`), embeddings, deciding what to cache (the controllers and
 the generation actor), and the job's statistics (`stats_collector.py`).
 """
@@ -37,6 +42,13 @@ from ray.util.annotations import RayDeprecationWarning
 from actors.lookup_link import new_token, start_lookup_server
 from policy.context_index import ContextIndex
 from policy.context_snapshot import has_snapshot, write_snapshot
+from policy.output_store import (
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_MAX_MEMORY_BYTES,
+    OutputStore,
+    read_store,
+    write_store,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -71,12 +83,15 @@ class ContextCacheActor:
     snapshot_interval_s: if given (with snapshot_path), snapshot this often when entries changed.
     index_kwargs: `ContextIndex` arguments (dim, max_entries, similarity_threshold, ttl_s, ...); they also
         override the config saved in a restored snapshot (except dim, which must match).
+    output_max_entries / output_max_memory_bytes: the bounds of the outputs store.
     """
 
     def __init__(
         self,
         snapshot_path: str | None = None,
         snapshot_interval_s: float | None = None,
+        output_max_entries: int = DEFAULT_MAX_ENTRIES,
+        output_max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
         **index_kwargs: Any,
     ) -> None:
         _check_snapshot_options(snapshot_path, snapshot_interval_s)
@@ -93,6 +108,12 @@ class ContextCacheActor:
         else:
             self._index = ContextIndex(auto_rebuild=False, **index_kwargs)
         self._saved_changes = self._index.num_changes  # index changes already in the configured snapshot
+        self._outputs = OutputStore(self._index.config.dim, output_max_entries, output_max_memory_bytes)
+        self._output_bounds = (output_max_entries, output_max_memory_bytes)
+        self._outputs_changes = 0  # outputs published since the last snapshot
+        saved = None if self._snapshot_path is None else read_store(self._snapshot_path)
+        if saved is not None:
+            self._outputs.load_state(*saved)
         # Ray restarted this actor after its process died (max_restarts): the outage the stats show.
         self._is_restarted = _was_restarted()
         self._snapshot_lock = asyncio.Lock()
@@ -158,6 +179,22 @@ class ContextCacheActor:
         self._start_rebuild_if_needed()
         return len(self._index)
 
+    async def publish_outputs(
+        self, fingerprint: str, embeddings: np.ndarray, outputs: list[list[int]], publisher: str
+    ) -> int:
+        """Store finished rows' new token ids under their prompts' embeddings [n, dim], for the model
+        `fingerprint`; returns the number of outputs held."""
+        self._start_periodic_snapshots()
+        self._outputs_changes += len(outputs)
+        return self._outputs.publish(fingerprint, embeddings, outputs, publisher)
+
+    async def similar_outputs(
+        self, fingerprint: str, embeddings: np.ndarray, k: int, min_similarity: float = 0.0
+    ) -> list[list[dict[str, Any]]]:
+        """Per prompt embedding [n, dim]: the outputs of up to k most similar earlier prompts of the same
+        fingerprint, {"tokens", "publisher", "similarity"}, most similar first."""
+        return self._outputs.similar(fingerprint, embeddings, k, min_similarity)
+
     async def stats(self) -> dict[str, Any]:
         """`ContextIndex.stats()` plus pid, is_restarted (Ray restarted this actor), memory_estimate_bytes,
         restored_entries, snapshots_written, last_snapshot_s, last_rebuild_s, last_background_error, and
@@ -174,6 +211,7 @@ class ContextCacheActor:
             "last_snapshot_s": self._last_snapshot_s,
             "last_rebuild_s": self._last_rebuild_s,
             "last_background_error": self._last_background_error,
+            "outputs": self._outputs.stats(),
             "lookup_service_ms": {
                 "num": len(service_ms),
                 **{
@@ -195,6 +233,10 @@ class ContextCacheActor:
         number of entries."""
         index = await asyncio.to_thread(ContextIndex.restore, path, auto_rebuild=False, **self._index_kwargs)
         self._index = index  # a rebuild still running finishes on the old index, which is then dropped
+        saved = await asyncio.to_thread(read_store, path)
+        self._outputs = OutputStore(index.config.dim, *self._output_bounds)
+        if saved is not None:
+            self._outputs.load_state(*saved)
         self._restored_entries = len(index)
         is_configured_path = os.path.abspath(path) == self._snapshot_path
         self._saved_changes = index.num_changes if is_configured_path else -1
@@ -249,7 +291,7 @@ class ContextCacheActor:
         assert self._snapshot_path is not None and self._snapshot_interval_s is not None
         while True:
             await asyncio.sleep(self._snapshot_interval_s)
-            if self._index.num_changes == self._saved_changes:
+            if self._index.num_changes == self._saved_changes and not self._outputs_changes:
                 continue
             try:
                 await self._write_snapshot(self._snapshot_path)
@@ -262,7 +304,10 @@ class ContextCacheActor:
             started = time.perf_counter()
             num_changes = self._index.num_changes
             state = self._index.export_state()  # a consistent copy, taken on the event-loop thread
+            outputs = self._outputs.export_state()
+            self._outputs_changes = 0
             folder = await asyncio.to_thread(write_snapshot, state, path)
+            await asyncio.to_thread(write_store, outputs, path)
             if os.path.abspath(path) == self._snapshot_path:
                 self._saved_changes = num_changes
             self._num_snapshots += 1
@@ -297,6 +342,8 @@ def get_or_create_context_cache(
     num_cpus: float = 0,
     snapshot_path: str | None = None,
     snapshot_interval_s: float | None = None,
+    output_max_entries: int = DEFAULT_MAX_ENTRIES,
+    output_max_memory_bytes: int = DEFAULT_MAX_MEMORY_BYTES,
     **index_kwargs: Any,
 ) -> ActorHandle:
     """The context cache actor named `name` in `namespace`, created if it does not exist yet.
@@ -323,6 +370,7 @@ def get_or_create_context_cache(
         )
     _check_snapshot_options(snapshot_path, snapshot_interval_s)
     ContextIndex(**index_kwargs)  # validates; cheap while empty
+    OutputStore(index_kwargs.get("dim", 384), output_max_entries, output_max_memory_bytes)  # validates
     if snapshot_path is not None:
         snapshot_path = os.path.abspath(snapshot_path)
     return RemoteContextCacheActor.options(
@@ -335,7 +383,13 @@ def get_or_create_context_cache(
         max_pending_calls=max_pending_calls,
         max_restarts=max_restarts,
         max_task_retries=max_task_retries,
-    ).remote(snapshot_path=snapshot_path, snapshot_interval_s=snapshot_interval_s, **index_kwargs)
+    ).remote(
+        snapshot_path=snapshot_path,
+        snapshot_interval_s=snapshot_interval_s,
+        output_max_entries=output_max_entries,
+        output_max_memory_bytes=output_max_memory_bytes,
+        **index_kwargs,
+    )
 
 
 def shutdown_context_cache(cache: ActorHandle, timeout_s: float = 60.0) -> None:

@@ -45,6 +45,7 @@ import torch
 from jinja2 import TemplateError
 from transformers.utils import logging as transformers_logging
 
+from actors.cross_drafts import CrossRequestDrafts, fingerprint
 from actors.decisions import PromptController, PromptDecisions
 from actors.engine_runner import EngineRunner
 from actors.metrics import ActorMetrics
@@ -128,8 +129,8 @@ class GenerationActor:
         it), else None.
     stats_collector: the job's StatsCollector actor handle, which gets `stats()` after every batch, or None
         (tests without a cluster).
-    load_encoder: returns texts -> unit embeddings [n, 384]; default MiniLM. Used only with a learned policy and
-        config.shared_cache, on the prompt decisions' background thread.
+    load_encoder: returns texts -> unit embeddings [n, 384]; default MiniLM. Used with a learned policy and
+        config.shared_cache, on the prompt decisions' background thread, and by cross-request drafts.
     before_request: an optional engine hook (index, request) run before each generation; tests use it to inject
         a failure into one row.
     run_id: the unique id of this run of the job (`pipeline.build.run_generate` prints it at start), the
@@ -182,11 +183,19 @@ class GenerationActor:
         self.stats_collector = stats_collector
         self.before_request = before_request
         self.decisions: PromptDecisions | None = None
-        if self.config.policy_kind == "learned" and self.config.shared_cache:
-            if load_encoder is None:
-                from policy.embedding import load_minilm_batch_encoder
+        if load_encoder is None:
+            from policy.embedding import load_minilm_batch_encoder
 
-                load_encoder = load_minilm_batch_encoder
+            load_encoder = load_minilm_batch_encoder
+        self.cross_drafts: CrossRequestDrafts | None = None
+        if self.config.cross_request_drafts:
+            self.cross_drafts = CrossRequestDrafts(
+                cache,
+                fingerprint(self.model.target.model.config.to_dict(), self.tokenizer),
+                self.actor_id,
+                load_encoder,
+            )
+        if self.config.policy_kind == "learned" and self.config.shared_cache:
             self.decisions = PromptDecisions(
                 self.actor_id, load_encoder, cache, self.config.similarity_threshold
             )
@@ -260,6 +269,11 @@ class GenerationActor:
             keys = [content_key(rows[index].prompt_ids).hex() for index in todo]
             lookups = self.decisions.submit([rows[index].prompt for index in todo], keys)
             controllers = [PromptController(lookup, self.controller, self.decisions) for lookup in lookups]
+        proposals: list = [None] * len(todo)
+        if self.cross_drafts is not None and todo:
+            proposals = self.cross_drafts.start(
+                [rows[index].prompt or "" for index in todo], [rows[index].prompt_ids for index in todo]
+            )
         requests = [
             GenerationRequest(
                 prompt_ids=rows[index].prompt_ids,
@@ -277,8 +291,9 @@ class GenerationActor:
                 time_steps=True if self.config.policy_kind == "learned" else None,
                 eos_token_ids=rows[index].eos_token_ids,
                 stop_check=rows[index].stop,
+                proposals=row_proposals,
             )
-            for index, controller in zip(todo, controllers, strict=True)
+            for index, controller, row_proposals in zip(todo, controllers, proposals, strict=True)
         ]
         return rows, todo, keys, controllers, requests
 
@@ -300,6 +315,8 @@ class GenerationActor:
                 self.decisions.publish(fresh_keys, fresh_steps).result(timeout=10.0)
             except TimeoutError:
                 pass  # still publishing; the next report counts it
+        if self.cross_drafts is not None:
+            self.cross_drafts.publish()
         columns = self._result_columns(rows, outputs)
         self.totals.generation_seconds = self.runner.busy_seconds
         self.totals.batch_seconds += time.perf_counter() - started
@@ -427,6 +444,11 @@ class GenerationActor:
                 totals.generated_tokens += output.num_new_tokens
                 totals.steps += len(output.steps)
                 totals.emitted_in_steps += sum(step.num_emitted for step in output.steps)
+                for step in output.steps:
+                    if step.retrieved_source is not None:
+                        totals.count_retrieved(
+                            step.retrieved_source, step.retrieved_proposed, step.retrieved_accepted
+                        )
                 text = self.tokenizer.decode(output.new_token_ids, skip_special_tokens=True)
                 if output.finish_reason == "stop" and row.stop is not None:
                     text = row.stop.cut(text)
@@ -451,6 +473,13 @@ class GenerationActor:
         """This actor's cumulative statistics (a copy): totals, the optimizer's and the prompt decisions'."""
         totals = replace(self.totals)
         totals.planner_failures = self.runner.engine.planner_failures
+        totals.proposal_failures = self.runner.engine.proposal_failures
+        if self.cross_drafts is not None:
+            counters = self.cross_drafts.counters
+            totals.retrieval_seconds = counters.embed_seconds + counters.fetch_seconds
+            totals.outputs_fetched = counters.fetched_outputs
+            totals.outputs_published = counters.published_outputs
+            totals.retrieval_failures = counters.fetch_failures + counters.publish_failures
         optimizer = None
         if self.optimizer is not None:
             optimizer = copy.deepcopy(self.optimizer.snapshot())

@@ -55,6 +55,17 @@ class ActorMetrics:
         self.shared_unreachable = counter(
             "shared_cache_unreachable", "failed calls to the shared cache actor"
         )
+        self.retrieved_tokens = counter(
+            "retrieved_tokens",
+            "retrieved branch tokens (cross-request drafts), by source and outcome (proposed or accepted)",
+            ("source", "outcome"),
+        )
+        self.retrieval_failures = counter(
+            "retrieval_failures", "failed fetches and publishes to the cache actor (local-only drafting)"
+        )
+        self.retrieval_seconds = gauge(
+            "retrieval_seconds", "seconds spent embedding prompts and fetching outputs"
+        )
         self.tau = gauge("mean_accepted_tokens", "tau: tokens gained per step, this actor so far")
         self.decision_overhead = gauge(
             "decision_overhead_fraction", "share of generation wall time spent deciding trees"
@@ -110,6 +121,16 @@ class ActorMetrics:
                 self._add(self.cache_lookups, f"lookups:{level}", lookups, {"level": level})
                 self._add(self.cache_hits, f"hits:{level}", hits, {"level": level})
             self._add(self.shared_unreachable, "unreachable", decisions.shared_unreachable)
+        for source in ("prompt", "actor", "cluster"):
+            for outcome in ("proposed", "accepted"):
+                self._add(
+                    self.retrieved_tokens,
+                    f"retrieved:{source}:{outcome}",
+                    getattr(totals, f"retrieved_{outcome}_{source}"),
+                    {"source": source, "outcome": outcome},
+                )
+        self._add(self.retrieval_failures, "retrieval_failures", totals.retrieval_failures)
+        self.retrieval_seconds.set(totals.retrieval_seconds)
         if totals.steps:
             self.tau.set(totals.emitted_in_steps / totals.steps)
         if totals.generation_seconds > 0:

@@ -37,6 +37,18 @@ class GenerationTotals:
     decision_seconds: float = 0.0  # the optimizer's deciding, a part of generation_seconds
     stats_report_failures: int = 0  # reports that did not reach the collector (later ones carried the totals)
     planner_failures: int = 0  # batch steps whose load planner raised (they decoded plainly)
+    # Cross-request drafts (actors.cross_drafts): retrieved branch tokens verified and accepted, per source
+    retrieved_proposed_prompt: int = 0  # from the row's own prompt and output
+    retrieved_proposed_actor: int = 0  # from this actor's earlier outputs
+    retrieved_proposed_cluster: int = 0  # from another actor's outputs, through the cache actor
+    retrieved_accepted_prompt: int = 0
+    retrieved_accepted_actor: int = 0
+    retrieved_accepted_cluster: int = 0
+    retrieval_seconds: float = 0.0  # embedding prompts and fetching similar outputs
+    outputs_fetched: int = 0
+    outputs_published: int = 0
+    retrieval_failures: int = 0  # fetches or publishes that failed (local-only drafting for those rows)
+    proposal_failures: int = 0  # branch look-ups that raised inside the engine (the step drafted without)
 
     @property
     def rows(self) -> int:
@@ -52,6 +64,16 @@ class GenerationTotals:
         name = f"finish_{reason}"
         assert hasattr(self, name), f"unknown finish reason {reason!r}"
         setattr(self, name, getattr(self, name) + 1)
+
+    def count_retrieved(self, source: str, proposed: int, accepted: int) -> None:
+        """Count one step's retrieved branch from `source` ("prompt", "actor" or "cluster")."""
+        assert hasattr(self, f"retrieved_proposed_{source}"), f"unknown retrieval source {source!r}"
+        setattr(
+            self, f"retrieved_proposed_{source}", getattr(self, f"retrieved_proposed_{source}") + proposed
+        )
+        setattr(
+            self, f"retrieved_accepted_{source}", getattr(self, f"retrieved_accepted_{source}") + accepted
+        )
 
     def merge(self, other: GenerationTotals) -> None:
         """Add `other` into this one."""

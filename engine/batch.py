@@ -11,6 +11,13 @@ One tree shape serves a step. A `BatchPlanner` chooses it for the load, and may 
 draft). Without a planner the first row's controller chooses for everyone (a static tree, say), as in
 `engine.generate`; a controller may also return None for a plain step.
 
+Retrieved branches: a request with `proposals` (`engine.suffix.RowProposals`) offers, before each step, what
+followed its context's suffix in text seen before (its prompt, earlier outputs). A `BranchPlanner` decides how
+many of those tokens a row may verify (without one, up to DEFAULT_BRANCH_TOKENS) and scores them; the step
+verifies 1 + max(tree nodes, branch tokens) nodes per row, each row's best by score from its draft tree and
+its branch together (`engine.tree.merge_branch`), so a row whose branch looks wrong spends the width on its
+EAGLE nodes and one whose branch looks right on the branch.
+
 Exactness: greedy rows equal plain greedy decoding token for token. Sampled rows draw with keyed noise
 (`engine.verify.keyed_choices`): each token is an exact sample of the target distribution, fixed by the row's
 seed and position, so a row's text never depends on its batch neighbours or on the trees chosen, and equals
@@ -22,6 +29,7 @@ gets its error in its own result and the others go on. Token ids only: no text h
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from collections.abc import Callable
@@ -41,8 +49,9 @@ from engine.generate import (
 )
 from engine.slots import SlotCache
 from engine.step import step_timer
+from engine.suffix import Match, RowProposals
 from engine.target import TargetModel
-from engine.tree import DraftTree
+from engine.tree import DraftTree, chain_tree, merge_branch
 from engine.types import (
     BatchPlanner,
     BatchState,
@@ -62,6 +71,9 @@ DEFAULT_MAX_BATCH_SIZE = 16
 # forward's cache copy, a compaction costs one copy.
 COMPACT_SHARE = 0.2
 NO_CONFIDENCE = DraftConfidence(0.0, 0.0, 0.0, 0.0)
+MAX_BRANCH_TOKENS = 16  # the longest retrieved branch a row offers
+DEFAULT_BRANCH_TOKENS = 8  # branch tokens per row without a BranchPlanner
+DEFAULT_BRANCH_ALPHA = 0.5  # without a BranchPlanner: the chance each branch token is right given the last
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,8 @@ class GenerationRequest:
     time_steps: whether the steps' StepStats carry draft and verify seconds (None: on the CPU only).
     eos_token_ids: the tokens that end this generation; None: the target config's eos_token_id.
     stop_check: the caller's own stop rule on the new tokens (`engine.generate.StopCheck`), e.g. stop strings.
+    proposals: retrieved branches for this row (`engine.suffix.RowProposals`); told the row's full sequence
+        when it finishes. None: EAGLE drafts only.
     """
 
     prompt_ids: list[int]
@@ -88,6 +102,7 @@ class GenerationRequest:
     time_steps: bool | None = None
     eos_token_ids: tuple[int, ...] | None = None
     stop_check: StopCheck | None = None
+    proposals: RowProposals | None = None
 
 
 class PlainController:
@@ -146,6 +161,11 @@ class _Row:
             wall_seconds=time.perf_counter() - self.started,
         )
         self.request.controller.finish(output.num_new_tokens, output.wall_seconds)
+        if self.request.proposals is not None:
+            try:
+                self.request.proposals.finish(self.output)
+            except Exception:  # sharing an output is an optimisation: a failure costs only later speed
+                pass
         return RequestResult(output=output)
 
 
@@ -184,6 +204,7 @@ class BatchEngine:
         self.results: dict[int, RequestResult] = {}
         self.num_steps = 0
         self.planner_failures = 0
+        self.proposal_failures = 0  # look-ups of retrieved branches that raised (the row drafted without one)
 
     @property
     def idle(self) -> bool:
@@ -224,24 +245,55 @@ class BatchEngine:
         if self.batch is None:
             return
         rows = self.batch.rows
-        params, decided_by = self._decide(rows)
+        offers = self._offers(rows)
+        params, budget, decided_by = self._decide(rows, offers)
         capped = None if params is None else params.capped(max(row.tokens_left() for row in rows))
+        branches = [
+            () if offer is None else offer.tokens[: min(budget, row.tokens_left() - 1)]
+            for row, offer in zip(rows, offers, strict=True)
+        ]
+        budget = max(len(branch) for branch in branches)
         wanted = {row.request.time_steps for row in rows}  # time when a row asks, or leaves it to the device
         timer = step_timer(self.target.device, True if True in wanted else None if None in wanted else False)
         started = timer.mark() if timer else 0.0
-        if capped is None:
+        branch_nodes: list[list[int]] = [[] for _ in rows]
+        tree_nodes = 1 if capped is None else capped.total_tokens + 1
+        from_tree = [[True] * tree_nodes for _ in rows]
+        if capped is None and budget == 0:
             verified, confidences, drafted_at = self._plain_step(), [NO_CONFIDENCE] * len(rows), started
         else:
-            drafts = self.drafter.draft(self.batch.draft, [row.pending for row in rows], capped)
+            if capped is None:  # only the retrieved branches: nothing to draft
+                trees, confidences = [chain_tree(row.pending.token_ids[0, -1].item()) for row in rows], None
+            else:
+                drafts = self.drafter.draft(self.batch.draft, [row.pending for row in rows], capped)
+                trees, confidences = [draft.tree for draft in drafts], [draft.confidence for draft in drafts]
             drafted_at = timer.mark() if timer else 0.0
-            verified = self._verify([draft.tree for draft in drafts])
-            confidences = [draft.confidence for draft in drafts]
+            if budget:
+                size = max(tree_nodes, budget + 1)
+                merged = [
+                    merge_branch(tree, list(branch), self._branch_scores(offer, len(branch)), size)
+                    for tree, branch, offer in zip(trees, branches, offers, strict=True)
+                ]
+                trees = [tree for tree, _, _ in merged]
+                branch_nodes = [nodes for _, nodes, _ in merged]
+                from_tree = [origins for _, _, origins in merged]
+            verified = self._verify(trees, drafted=capped is not None)
+            confidences = confidences or [NO_CONFIDENCE] * len(rows)
         finished = timer.mark() if timer else 0.0
         draft_seconds = timer.seconds(started, drafted_at) if timer else 0.0
         verify_seconds = timer.seconds(drafted_at, finished) if timer else 0.0
-        emitted = []
-        for row, result, confidence in zip(rows, verified, confidences, strict=True):
+        emitted, tree_accepted, branch_results = [], [], []
+        for b, (row, result, confidence) in enumerate(zip(rows, verified, confidences, strict=True)):
             before = len(row.output)
+            retrieved = _leading_matches(branch_nodes[b], result.accepted_nodes[1:])
+            path = result.accepted_nodes[1:]
+            tree_accepted.append(_leading_matches([n for n in path if from_tree[b][n]], path))
+            offer, verified_branch = offers[b], len(branch_nodes[b])  # the branch tokens the merge kept
+            branch_results.append(
+                (verified_branch, offer.match_length, retrieved, offer.source)
+                if offer is not None and verified_branch
+                else None
+            )
             try:
                 finish = append_tokens(
                     row.output,
@@ -262,6 +314,9 @@ class BatchEngine:
                 verify_seconds=verify_seconds,
                 confidence=confidence,
                 context_length=before,
+                retrieved_proposed=verified_branch,
+                retrieved_accepted=retrieved,
+                retrieved_source=offer.source if offer is not None and verified_branch else None,
             )
             row.steps.append(stats)
             emitted.append(stats.num_emitted)
@@ -272,28 +327,65 @@ class BatchEngine:
                 BatchStepStats(
                     step_index=self.num_steps,
                     tree_params=capped,
-                    accepted_lengths=tuple(result.accepted_length for result in verified),
+                    accepted_lengths=tuple(tree_accepted),
                     num_emitted=tuple(emitted),
                     draft_seconds=draft_seconds,
                     verify_seconds=verify_seconds,
                     context_lengths=tuple(len(row.output) - n for row, n in zip(rows, emitted, strict=True)),
+                    branch_tokens=budget,
+                    branches=tuple(branch_results),
                 )
             )
         self.num_steps += 1
         self._retire()
 
-    def _decide(self, rows: list[_Row]) -> tuple[TreeParams | None, _Row | BatchPlanner | None]:
-        """The step's tree and who chose it: the planner, a row (its own controller), or None (a plain step
-        after the planner failed)."""
+    def _offers(self, rows: list[_Row]) -> list[Match | None]:
+        """Each row's retrieved branch on offer (None: the row has no proposals, no match, or no room)."""
+        offers: list[Match | None] = []
+        for row in rows:
+            offer = None
+            if row.request.proposals is not None and row.tokens_left() > 1:
+                try:
+                    offer = row.request.proposals.match(row.output, MAX_BRANCH_TOKENS)
+                except Exception:  # a failing look-up costs this step's branch, never the row
+                    self.proposal_failures += 1
+            offers.append(offer)
+        return offers
+
+    def _branch_scores(self, offer: Match | None, length: int) -> list[float]:
+        """Estimated log chance that a branch is right up to each of its tokens: the planner's, or a fixed
+        DEFAULT_BRANCH_ALPHA per token."""
+        if offer is None or not length:
+            return []
+        if self.planner is not None and hasattr(self.planner, "branch_scores"):
+            return self.planner.branch_scores(offer.match_length, length, offer.source)
+        return [math.log(DEFAULT_BRANCH_ALPHA) * (i + 1) for i in range(length)]
+
+    def _decide(
+        self, rows: list[_Row], offers: list[Match | None]
+    ) -> tuple[TreeParams | None, int, _Row | BatchPlanner | None]:
+        """The step's tree, its branch tokens per row, and who chose: the planner, a row (its own controller),
+        or None (a plain step after the planner failed)."""
+        has_offers = any(offer is not None for offer in offers)
         if self.planner is not None:
             state = BatchState(
-                self.num_steps, len(rows), tuple(row.context_length for row in rows), len(self.queue)
+                self.num_steps,
+                len(rows),
+                tuple(row.context_length for row in rows),
+                len(self.queue),
+                tuple(
+                    None if offer is None else (len(offer.tokens), offer.match_length, offer.source)
+                    for offer in offers
+                ),
             )
             try:
-                return self.planner.decide(state), self.planner
+                if has_offers and hasattr(self.planner, "plan"):
+                    params, budget = self.planner.plan(state)  # a BranchPlanner
+                    return params, budget, self.planner
+                return self.planner.decide(state), 0, self.planner
             except Exception:  # a planner that fails costs speed, never rows: this step decodes plainly
                 self.planner_failures += 1
-                return None, None
+                return None, 0, None
         row = rows[0]
         state = DecodingState(
             len(row.steps),
@@ -303,7 +395,7 @@ class BatchEngine:
             row.steps[-1] if row.steps else None,
             row.output,
         )
-        return row.request.controller.decide(state), row
+        return row.request.controller.decide(state), DEFAULT_BRANCH_TOKENS if has_offers else 0, row
 
     # ---- joining and leaving -----------------------------------------------------------------------------------
 
@@ -427,8 +519,9 @@ class BatchEngine:
         batch.slots.extend(torch.ones(len(batch.rows), 1, dtype=torch.bool, device=device))
         return results
 
-    def _verify(self, trees: list[DraftTree]) -> list[VerifyResult]:
-        """Score every row's tree in one forward, accept each row's longest agreeing path, keep it in the cache."""
+    def _verify(self, trees: list[DraftTree], drafted: bool = True) -> list[VerifyResult]:
+        """Score every row's tree in one forward, accept each row's longest agreeing path, keep it in the cache.
+        drafted: the draft head read the rows' pending pairs for these trees (else the new pairs join them)."""
         batch, device = self.batch, self.target.device
         start = batch.slots.length
         tokens = torch.cat([tree.token_ids for tree in trees]).to(device)  # [B, N+1]
@@ -441,10 +534,12 @@ class BatchEngine:
         batch.slots.keep_tree(start, [result.accepted_nodes for result in results])
         for b, (row, result) in enumerate(zip(batch.rows, results, strict=True)):
             accepted = torch.tensor(result.accepted_nodes, device=device)
-            row.pending = PendingDraftInput(
-                scored.features[b : b + 1, accepted],
-                torch.tensor([[*result.accepted_token_ids, result.bonus_token_id]], device=device),
-            )
+            features = scored.features[b : b + 1, accepted]
+            tokens = torch.tensor([[*result.accepted_token_ids, result.bonus_token_id]], device=device)
+            if not drafted:
+                features = torch.cat((row.pending.features, features), dim=1)
+                tokens = torch.cat((row.pending.token_ids, tokens), dim=1)
+            row.pending = PendingDraftInput(features, tokens)
         return results
 
     def _forward(self, tokens: torch.Tensor, depths: torch.Tensor, ancestors: torch.Tensor):
@@ -465,6 +560,16 @@ class BatchEngine:
                 positions = [len(row.output) + d for d in depths[b]]
                 choices[b] = keyed_choices(logits[b], sampling, row.request.seed, positions)
         return choices.cpu()
+
+
+def _leading_matches(branch_nodes: list[int], accepted_nodes: list[int]) -> int:
+    """How many of a branch's nodes (root first excluded) begin the accepted path."""
+    count = 0
+    for branch_node, accepted_node in zip(branch_nodes, accepted_nodes, strict=False):
+        if branch_node != accepted_node:
+            break
+        count += 1
+    return count
 
 
 def generate_batch(

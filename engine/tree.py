@@ -85,22 +85,29 @@ def select_tree(root_token_id: int, candidates: ScoredCandidates, total_tokens: 
     tree_index[kept] = np.arange(1, num_keep + 1)
     tree_parents = np.where(parents_of_kept < 0, 0, tree_index[np.maximum(parents_of_kept, 0)])
     assert (tree_parents >= 0).all(), "dynamic tree kept a node without its parent"
-    parents = [-1, *tree_parents.tolist()]
+    # Siblings come out in descending draft score: candidates of one parent are stored in top-k order.
+    kept_scores = candidates.scores[torch.from_numpy(kept)]
+    token_ids = torch.cat((torch.tensor([root_token_id]), candidates.token_ids[torch.from_numpy(kept)]))
+    return build_tree(
+        token_ids, [-1, *tree_parents.tolist()], torch.cat((torch.zeros(1), kept_scores.float()))
+    )
 
-    num_nodes = num_keep + 1
+
+def build_tree(token_ids: torch.Tensor, parents: list[int], scores: torch.Tensor) -> DraftTree:
+    """The DraftTree of nodes token_ids [N+1] (root first) with these parents (-1 for the root; every parent
+    comes before its children) and scores [N+1]."""
+    num_nodes = len(parents)
     depths = np.zeros(num_nodes, dtype=np.int64)
     ancestor_mask = np.zeros((num_nodes, num_nodes), dtype=bool)
     ancestor_mask[0, 0] = True
     children: list[list[int]] = [[] for _ in range(num_nodes)]
     for node in range(1, num_nodes):
         parent = parents[node]
+        assert 0 <= parent < node, f"node {node} has parent {parent}: parents must come first"
         depths[node] = depths[parent] + 1
         ancestor_mask[node] = ancestor_mask[parent]
         ancestor_mask[node, node] = True
         children[parent].append(node)
-
-    # Siblings come out in descending draft score: candidates of one parent are stored in top-k order.
-    kept_scores = candidates.scores[torch.from_numpy(kept)]
 
     leaves = [node for node in range(num_nodes) if not children[node]]
     max_depth = int(depths.max())
@@ -111,16 +118,75 @@ def select_tree(root_token_id: int, candidates: ScoredCandidates, total_tokens: 
             paths[row, depths[node]] = node
             node = parents[node]
 
-    token_ids = torch.cat((torch.tensor([root_token_id]), candidates.token_ids[torch.from_numpy(kept)]))
     return DraftTree(
-        token_ids=token_ids[None],
-        parents=parents,
+        token_ids=token_ids.reshape(1, -1),
+        parents=list(parents),
         depths=torch.from_numpy(depths),
         ancestor_mask=torch.from_numpy(ancestor_mask),
         paths=torch.from_numpy(paths),
         children=children,
-        scores=torch.cat((torch.zeros(1), kept_scores.float())),
+        scores=scores,
     )
+
+
+def merge_branch(
+    tree: DraftTree, branch: list[int], branch_scores: list[float], num_nodes: int
+) -> tuple[DraftTree, list[int], list[bool]]:
+    """The best `num_nodes` nodes (root included) of `tree` and the chain `branch` hung from its root, ranked
+    by score as EAGLE-2 ranks its own candidates, verified as one tree. branch_scores[i]: the estimated log
+    chance that the branch is right up to token i (non-increasing). The branch follows the tree's nodes while
+    their tokens agree (a shared node keeps the higher score) and goes on as new nodes from there. Fewer nodes
+    are padded with leaves under the root: a batch step verifies one width on every row, and a pad is one
+    more guess, as exact as any drafted node. Returns the tree, the node of each branch token kept (in
+    order), and per node whether it is one of `tree`'s.
+
+    Example: tree root -> a -> b, branch [a, c]: a is shared, c becomes a child of a; with num_nodes 3 the
+    lower-scored of b and c is dropped."""
+    tokens = tree.token_ids[0].tolist()
+    parents = list(tree.parents)
+    scores = tree.scores.tolist()
+    children = [list(nodes) for nodes in tree.children]
+    node, path = 0, []
+    for token, score in zip(branch, branch_scores, strict=True):
+        child = next((c for c in children[node] if tokens[c] == token), None)
+        if child is None:
+            child = len(tokens)
+            tokens.append(token)
+            parents.append(node)
+            scores.append(score)
+            children.append([])
+            children[node].append(child)
+        else:
+            scores[child] = max(scores[child], score)
+        path.append(child)
+        node = child
+    # Scores never rise along a path, so the best nodes (ties to the earlier, the parent) are closed under
+    # parents; the root always stays.
+    ranked = sorted(range(1, len(tokens)), key=lambda n: (-scores[n], n))[: num_nodes - 1]
+    kept = [0, *sorted(ranked)]
+    renumber = {old: new for new, old in enumerate(kept)}
+    kept_tokens = [tokens[n] for n in kept]
+    kept_parents = [-1, *(renumber[parents[n]] for n in kept[1:])]
+    kept_scores = [scores[n] for n in kept]
+    while len(kept_tokens) < num_nodes:
+        kept_tokens.append(kept_tokens[0])
+        kept_parents.append(0)
+        kept_scores.append(float("-inf"))
+    merged = build_tree(
+        torch.tensor(kept_tokens), kept_parents, torch.tensor(kept_scores, dtype=torch.float32)
+    )
+    branch_nodes = []
+    for n in path:
+        if n not in renumber:
+            break
+        branch_nodes.append(renumber[n])
+    from_tree = [n < tree.num_nodes for n in kept] + [False] * (num_nodes - len(kept))
+    return merged, branch_nodes, from_tree
+
+
+def chain_tree(root_token_id: int) -> DraftTree:
+    """The tree of the root alone (a step that verifies only a retrieved branch starts from it)."""
+    return build_tree(torch.tensor([root_token_id]), [-1], torch.zeros(1))
 
 
 def additive_mask(allowed: torch.Tensor, prefix_length: int, dtype: torch.dtype) -> torch.Tensor:

@@ -135,6 +135,9 @@ class StepStats:
     accepted_length: drafted tokens the target accepted (0..depth+1); the step emits accepted_length + 1 tokens
         (the extra one is the target's own bonus token), fewer only if generation stopped inside the step.
     num_emitted: tokens this step actually appended to the output.
+    retrieved_proposed / retrieved_accepted: tokens of a retrieved branch (`engine.suffix`) the step verified,
+        and how many of them the target accepted; retrieved_source: where the branch came from ("prompt",
+        "actor" or "cluster"), None without one.
     """
 
     step_index: int
@@ -145,6 +148,9 @@ class StepStats:
     verify_seconds: float
     confidence: DraftConfidence
     context_length: int
+    retrieved_proposed: int = 0
+    retrieved_accepted: int = 0
+    retrieved_source: str | None = None
 
     @property
     def step_seconds(self) -> float:
@@ -228,6 +234,8 @@ class BatchState:
     num_rows: int
     context_lengths: tuple[int, ...]
     num_queued: int = 0
+    # Per row, the retrieved branch on offer: (tokens available, context tokens matched, source), or None.
+    offers: tuple[tuple[int, int, str] | None, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -242,6 +250,11 @@ class BatchStepStats:
     draft_seconds: float
     verify_seconds: float
     context_lengths: tuple[int, ...]
+    # With retrieved branches: the branch budget (a row verifies 1 + max(tree nodes, budget)), and per row the
+    # branch's (tokens verified, context tokens matched, tokens accepted, source), or None for a row without one.
+    # accepted_lengths then count the tree's own nodes only.
+    branch_tokens: int = 0
+    branches: tuple[tuple[int, int, int, str] | None, ...] = ()
 
     @property
     def num_rows(self) -> int:
@@ -259,3 +272,10 @@ class BatchPlanner(Protocol):
     def decide(self, state: BatchState) -> TreeParams | None: ...
 
     def observe(self, stats: BatchStepStats) -> None: ...
+
+
+class BranchPlanner(BatchPlanner, Protocol):
+    """A batch planner that also spends tokens on retrieved branches: `plan` returns the step's tree and how
+    many branch tokens each row may verify (0: none), for the offers in `state.offers`."""
+
+    def plan(self, state: BatchState) -> tuple[TreeParams | None, int]: ...

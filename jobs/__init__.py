@@ -17,6 +17,7 @@ ENTRY_POINTS = (
     "bench",
     "bench_batch",
     "bench_cache",
+    "bench_cross_drafts",
     "bench_pipeline",
     "build_demo",
     "build_models",

@@ -46,13 +46,15 @@ ACTOR_STATS_NAME = "_actor_stats.json"
 CACHE_SNAPSHOT_NAME = "_context_cache"
 CACHE_SNAPSHOT_INTERVAL_S = 30.0
 MAX_READ_BLOCKS = 2000
+ROWS_PER_FILE_BATCHES = 4  # result files of about four batches: they stream out early, and not one per batch
 
 
 def num_read_blocks(num_rows: int, config: GenerateConfig) -> int:
-    """Blocks of about four batches, so that every actor gets work and results stream out early; at least two
-    per actor, and at most MAX_READ_BLOCKS. A block goes to one actor whole, so a single-block input would
-    leave the other actors idle."""
-    wanted = math.ceil(num_rows / (4 * config.batch_size))
+    """Blocks of about one batch, at least two per actor, and at most MAX_READ_BLOCKS. A block goes to one actor
+    call whole, and a call works through its block's batches one after the other; an actor that starts first
+    takes a few calls before the others are up, so blocks of several batches would leave the others idle and
+    keep each actor on one batch at a time."""
+    wanted = math.ceil(num_rows / config.batch_size)
     return max(1, min(MAX_READ_BLOCKS, max(wanted, 2 * config.num_actors)))
 
 
@@ -191,14 +193,20 @@ def _run_locked(config: GenerateConfig, inputs: InputFiles, **actor_kwargs) -> d
         f"eagleray: {inputs.num_rows} rows from {len(inputs.paths)} file(s) -> {config.output}"
         + (f" ({resume.num_done} already done there, resuming)" if resume.num_done else "")
         + f"; {config.num_actors} actor(s) x {resources.num_cpus:g} CPU, {resources.num_gpus:g} GPU; "
-        f"{config.tree_choice}; shared cache {'on' if config.shared_cache else 'off'}; job {job_id}"
+        f"{config.tree_choice}; cross-request drafts {'on' if config.cross_request_drafts else 'off'}; shared cache "
+        f"{'on' if config.shared_cache else 'off'}; job {job_id}"
     )
     for file in resume.deleted_files:
         print(f"eagleray: deleted {file}, cut off by an earlier run; its rows are generated again")
     started = time.perf_counter()
     started_at = time.time()
     dataset = build_pipeline(config, inputs, resume, processor)
-    dataset.write_parquet(output_path, filesystem=filesystem, ray_remote_args={"num_cpus": IO_TASK_CPUS})
+    dataset.write_parquet(
+        output_path,
+        filesystem=filesystem,
+        min_rows_per_file=ROWS_PER_FILE_BATCHES * config.batch_size,  # generation blocks are one batch each
+        ray_remote_args={"num_cpus": IO_TASK_CPUS},
+    )
     wall_seconds = time.perf_counter() - started
     summary = processor.summary()
     processor.close()  # the job's own collector; its reports are now in the summary

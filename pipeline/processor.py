@@ -60,14 +60,20 @@ class _Guarded:
         return result
 
 
+CACHE_STATS_TIMEOUT_S = 30.0
+
+
 def _actor_pool(config: ProcessorConfig) -> ActorPoolStrategy:
     """A fixed pool; with max_concurrent_batches above 1 each actor takes that many batches at once, on threads
-    of its own that feed its one engine thread (`actors.engine_runner`)."""
+    of its own that feed its one engine thread (`actors.engine_runner`). No batch waits in an actor's own queue
+    beyond those (Ray Data's default queues as many again): the first actor up would otherwise take the batches
+    of the others still starting."""
     if config.max_concurrent_batches == 1:
-        return ActorPoolStrategy(size=config.num_actors)
+        return ActorPoolStrategy(size=config.num_actors, max_tasks_in_flight_per_actor=1)
     return ActorPoolStrategy(
         size=config.num_actors,
         max_concurrent_calls_per_actor=config.max_concurrent_batches,
+        max_tasks_in_flight_per_actor=config.max_concurrent_batches,
         enable_true_multi_threading=True,
     )
 
@@ -132,7 +138,7 @@ class Processor:
                 left,
             )
         self.stats_collector = create_stats_collector(self.run_id, self.namespace, self.stats_path)
-        if self.config.shared_cache:
+        if self.config.uses_cache_actor:
             self.cache = get_or_create_context_cache(
                 self.config.cache_name,
                 self.namespace,
@@ -184,7 +190,12 @@ class Processor:
         summary = aggregate_actor_stats(
             {reporter: ActorStats.from_dict(stats) for reporter, stats in reports.items()}
         )
-        summary["shared_cache"] = None if self.cache is None else ray.get(self.cache.stats.remote())
+        summary["shared_cache"] = None
+        if self.cache is not None:
+            try:
+                summary["shared_cache"] = ray.get(self.cache.stats.remote(), timeout=CACHE_STATS_TIMEOUT_S)
+            except (ray.exceptions.RayError, TimeoutError):  # a cache actor that died for good: no stats
+                summary["shared_cache_unreachable"] = True
         return summary
 
     def close(self) -> None:

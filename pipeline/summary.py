@@ -59,6 +59,7 @@ def aggregate_actor_stats(per_actor: dict[str, ActorStats]) -> dict:
         for tree, count in stats.batch_trees.items():
             batch_trees[tree] = batch_trees.get(tree, 0) + count
     summary["batch_trees"] = dict(sorted(batch_trees.items(), key=lambda item: -item[1]))
+    summary["cross_request_drafts"] = retrieved_by_source(totals)
     optimizers = [stats.optimizer for stats in per_actor.values() if stats.optimizer is not None]
     if optimizers:
         merged = OptimizationStats()
@@ -70,6 +71,50 @@ def aggregate_actor_stats(per_actor: dict[str, ActorStats]) -> dict:
     if decisions:
         summary["prompt_decisions"] = combine_decisions(decisions)
     return summary
+
+
+def retrieved_by_source(totals: GenerationTotals) -> dict:
+    """Retrieved branch tokens verified and accepted, per source and in all, with the acceptance rate."""
+    by_source = {
+        source: {
+            "proposed": getattr(totals, f"retrieved_proposed_{source}"),
+            "accepted": getattr(totals, f"retrieved_accepted_{source}"),
+        }
+        for source in ("prompt", "actor", "cluster")
+    }
+    proposed = sum(item["proposed"] for item in by_source.values())
+    accepted = sum(item["accepted"] for item in by_source.values())
+    return {
+        "by_source": by_source,
+        "proposed": proposed,
+        "accepted": accepted,
+        "acceptance": accepted / proposed if proposed else None,
+        "accepted_share_of_generated": accepted / totals.generated_tokens
+        if totals.generated_tokens
+        else None,
+    }
+
+
+def format_cross_request_drafts(summary: dict) -> list[str]:
+    """The summary's lines on retrieved branches (none when nothing was retrieved or tried)."""
+    drafts = summary.get("cross_request_drafts")
+    if not drafts or not (
+        drafts["proposed"] or summary.get("outputs_published") or summary.get("retrieval_failures")
+    ):
+        return []
+    sources = ", ".join(
+        f"{source} {item['accepted']}/{item['proposed']}" for source, item in drafts["by_source"].items()
+    )
+    share = drafts["accepted_share_of_generated"] or 0.0
+    lines = [
+        f"  cross-request drafts: {drafts['accepted']} of {drafts['proposed']} retrieved tokens accepted "
+        f"({(drafts['acceptance'] or 0.0):.1%}; {share:.1%} of the generated tokens), by source accepted/proposed: "
+        f"{sources}",
+        f"  retrieval: {summary['outputs_fetched']} outputs fetched, {summary['outputs_published']} published, "
+        f"{summary['retrieval_seconds']:.1f} s embedding and fetching; {summary['retrieval_failures']} failed "
+        f"calls to the cache actor (those rows drafted local-only)",
+    ]
+    return lines
 
 
 def combine_decisions(decisions: list[DecisionCounters]) -> dict:
@@ -139,6 +184,7 @@ def format_summary(summary: dict) -> str:
             f"  trees chosen for the load, in batch steps: {chosen}"
             + (f"; {failures} steps decoded plainly after a planner failure" if failures else "")
         )
+    lines.extend(format_cross_request_drafts(summary))
     decisions = summary.get("prompt_decisions")
     if decisions:
         lines.append(
@@ -159,11 +205,21 @@ def format_summary(summary: dict) -> str:
                 f"{decisions['local_only_lookups']} look-ups went local-only"
             )
     cache = summary["shared_cache"]  # None when the job ran without the shared cache actor
+    if summary.get("shared_cache_unreachable"):
+        lines.append(
+            "  shared cache actor: unreachable at the end of the job (it died for good); no stats from it"
+        )
     if cache:
         lines.append(
             f"  shared cache actor: {cache['entries']} entries (~{cache['memory_estimate_bytes'] / 2**20:.1f} MiB), "
             f"{cache['hits']} hits of {cache['lookups']} look-ups, {cache['evictions']} evicted, "
             f"{cache['restored_entries']} restored from a snapshot"
+            + (
+                f"; {cache['outputs']['entries']} outputs for cross-request drafts "
+                f"(~{cache['outputs']['memory_bytes'] / 2**20:.1f} MiB, {cache['outputs']['evicted']} evicted)"
+                if cache.get("outputs")
+                else ""
+            )
         )
     if cache and cache["is_restarted"]:
         lines.append(

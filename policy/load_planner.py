@@ -12,6 +12,14 @@ same. `LoadPlanner` picks argmax B * tau / seconds over its candidates every ste
   accepted, so a step with one chain tells what every chain would have gained. Plain decoding's tau is 1.
 
 It never loses much to plain batched decoding: plain is always a candidate, and its cost is the table's.
+
+Retrieved branches (`engine.suffix`): when rows offer one, `plan` also picks how many branch tokens a row may
+verify (BRANCH_BUDGETS), jointly with the tree: each row verifies 1 + max(tree nodes, budget) nodes, its best
+by score from both (`engine.tree.merge_branch`, scored by `branch_scores`), and expects max(tau(tree), 1 +
+E[accepted of its branch]) tokens. A branch's acceptance is learned
+like the chains', per draft position, separately per source (the row's own prompt, its actor's outputs,
+another actor's) and for short, medium and long suffix matches: the cheap observations that say most about
+whether a proposal from earlier text is right.
 This module holds decisions and JSON only; it runs no model.
 """
 
@@ -39,6 +47,17 @@ DEFAULT_CANDIDATES: tuple[TreeParams | None, ...] = (
     TreeParams(6, 3, 2),
     TreeParams(8, 4, 2),
 )
+
+
+BRANCH_BUDGETS = (0, 2, 4, 8, 12, 16)  # branch tokens per row a step may verify
+MATCH_BUCKETS = (2, 3, 6)  # suffix matches of 1 token, 2, 3 to 5, and 6 or more learn apart
+BRANCH_SOURCES = ("prompt", "actor", "cluster")  # `engine.suffix.Match.source`; others learn with "cluster"
+
+
+def match_bucket(match_length: int, source: str = "prompt") -> int:
+    """The acceptance model a branch learns in: its source, then its match length."""
+    by_source = BRANCH_SOURCES.index(source) if source in BRANCH_SOURCES else len(BRANCH_SOURCES) - 1
+    return by_source * (len(MATCH_BUCKETS) + 1) + sum(match_length >= edge for edge in MATCH_BUCKETS)
 
 
 def width(params: TreeParams | None) -> int:
@@ -103,14 +122,19 @@ class LoadLatencyTable:
         return self.draft_seconds(rows, params) + self.verify_seconds(rows, width(params))
 
     def observe(
-        self, rows: int, params: TreeParams | None, draft_seconds: float, verify_seconds: float
+        self,
+        rows: int,
+        params: TreeParams | None,
+        draft_seconds: float,
+        verify_seconds: float,
+        num_tokens: int | None = None,
     ) -> None:
         """Move the estimates of the shapes this step used towards its measured seconds: a correction factor
         per shape over the start-up table (an exponential average, weight 0.1), so that a shape the run uses
-        tracks its real cost (context growth, host work, a busy machine) and the others keep the table's."""
-        self._correct(
-            ("verify", rows, width(params)), self._lookup(self.verify, rows, width(params)), verify_seconds
-        )
+        tracks its real cost (context growth, host work, a busy machine) and the others keep the table's.
+        num_tokens: tokens per row verified (default: the tree's width)."""
+        verified = width(params) if num_tokens is None else num_tokens
+        self._correct(("verify", rows, verified), self._lookup(self.verify, rows, verified), verify_seconds)
         if params is not None:
             base = self._lookup(self.draft_base, rows, params.top_k)
             measured = base + params.depth * self._lookup(self.draft_round, rows, params.top_k)
@@ -168,6 +192,35 @@ class _Acceptance:
         return (self.total + prior * prior_weight) / (self.count + prior_weight)
 
 
+class _PositionAcceptance:
+    """Per draft position j (1-based): how many rows got to try it and how many accepted it."""
+
+    def __init__(self) -> None:
+        self.reached: list[int] = []
+        self.accepted: list[int] = []
+
+    def add(self, accepted: int, positions: int) -> None:
+        """A row that accepted `accepted` of `positions` proposed tokens."""
+        while len(self.reached) < positions:
+            self.reached.append(0)
+            self.accepted.append(0)
+        for position in range(1, min(accepted + 1, positions) + 1):
+            self.reached[position - 1] += 1
+            self.accepted[position - 1] += position <= accepted
+
+    def alpha(self, position: int, prior: float, weight: float) -> float:
+        """The chance position `position` is accepted once the one before was; positions never reached take
+        the deepest one measured."""
+        index = min(position, len(self.reached)) - 1
+        if index < 0:
+            return prior
+        return (self.accepted[index] + prior * weight) / (self.reached[index] + weight)
+
+    @property
+    def observations(self) -> int:
+        return self.reached[0] if self.reached else 0
+
+
 class LoadPlanner:
     """A `BatchPlanner`: the candidate with the most expected tokens per second for the batch's rows.
 
@@ -195,17 +248,33 @@ class LoadPlanner:
         self.candidates = tuple(candidates)
         self.exploration = exploration
         self.acceptance = {params: _Acceptance() for params in self.candidates if params is not None}
-        self.reached: list[int] = []  # per draft position j (index j - 1): chain rows that got to try it
-        self.accepted: list[int] = []  # ... and that accepted it
+        self.chains = _PositionAcceptance()  # every chain step's rows, per draft position
+        self.branches = [  # per source and match length: `match_bucket`
+            _PositionAcceptance() for _ in range(len(BRANCH_SOURCES) * (len(MATCH_BUCKETS) + 1))
+        ]
         self.chosen: dict[str, int] = {}
+
+    @property
+    def reached(self) -> list[int]:
+        return self.chains.reached
+
+    @property
+    def accepted(self) -> list[int]:
+        return self.chains.accepted
 
     def alpha(self, position: int) -> float:
         """The chance a row accepts draft position `position` (1-based) given it accepted the one before."""
-        index = min(position, len(self.reached)) - 1
-        if index < 0:
-            return self.PRIOR_ALPHA
-        reached, accepted = self.reached[index], self.accepted[index]
-        return (accepted + self.PRIOR_ALPHA * self.PRIOR_WEIGHT) / (reached + self.PRIOR_WEIGHT)
+        return self.chains.alpha(position, self.PRIOR_ALPHA, self.PRIOR_WEIGHT)
+
+    def branch_gains(self, bucket: int) -> list[float]:
+        """Expected accepted tokens of a retrieved branch of n tokens, n = 0..max(BRANCH_BUDGETS), for a
+        suffix match in `bucket`."""
+        gains, reach, total = [0.0], 1.0, 0.0
+        for position in range(1, max(BRANCH_BUDGETS) + 1):
+            reach *= self.branches[bucket].alpha(position, self.PRIOR_ALPHA, self.PRIOR_WEIGHT)
+            total += reach
+            gains.append(total)
+        return gains
 
     def chain_tau(self, depth: int) -> float:
         tau, reach = 1.0, 1.0
@@ -236,21 +305,66 @@ class LoadPlanner:
         self.chosen[name] = self.chosen.get(name, 0) + 1
         return best
 
+    def branch_scores(self, match_length: int, length: int, source: str = "prompt") -> list[float]:
+        """Log chance that a branch from `source` and a suffix match of `match_length` tokens is right up to
+        each of its first `length` tokens: what ranks its tokens against the draft tree's."""
+        stats, scores, total = self.branches[match_bucket(match_length, source)], [], 0.0
+        for position in range(1, length + 1):
+            total += math.log(max(stats.alpha(position, self.PRIOR_ALPHA, self.PRIOR_WEIGHT), 1e-6))
+            scores.append(total)
+        return scores
+
+    def plan(self, state: BatchState) -> tuple[TreeParams | None, int]:
+        """The tree and the branch tokens per row with the most expected tokens per second, for the rows'
+        offers (`BatchState.offers`: per row (tokens available, context tokens matched, source) or None)."""
+        rows = state.num_rows
+        offers = [offer for offer in state.offers if offer is not None]
+        if not offers:
+            return self.decide(state), 0
+        longest = max(offer[0] for offer in offers)
+        budgets = sorted({min(budget, longest) for budget in BRANCH_BUDGETS})
+        gains = [self.branch_gains(bucket) for bucket in range(len(self.branches))]
+        bonus = [
+            self.exploration / math.sqrt(1.0 + stats.observations / max(rows, 1)) for stats in self.branches
+        ]
+        buckets = [(available, match_bucket(matched, source)) for available, matched, source in offers]
+        no_offer = rows - len(offers)
+        best, best_value = (None, 0), -1.0
+        for params in self.candidates:
+            tau = self.expected_tau(params, rows, optimistic=True)
+            draft_seconds = self.latency.draft_seconds(rows, params)
+            for budget in budgets:
+                expected = no_offer * tau
+                for available, bucket in buckets:
+                    branch = 1.0 + gains[bucket][min(available, budget)] + (bonus[bucket] if budget else 0.0)
+                    expected += max(tau, branch)
+                seconds = draft_seconds + self.latency.verify_seconds(rows, max(width(params), budget + 1))
+                if expected / seconds > best_value:
+                    best, best_value = (params, budget), expected / seconds
+        params, budget = best
+        name = ("plain" if params is None else params.compact) + (f"+{budget}r" if budget else "")
+        self.chosen[name] = self.chosen.get(name, 0) + 1
+        return best
+
     def observe(self, stats: BatchStepStats) -> None:
         params = stats.tree_params
         if stats.draft_seconds or stats.verify_seconds:
-            self.latency.observe(stats.num_rows, params, stats.draft_seconds, stats.verify_seconds)
+            self.latency.observe(
+                stats.num_rows,
+                params,
+                stats.draft_seconds,
+                stats.verify_seconds,
+                max(width(params), stats.branch_tokens + 1),
+            )
+        for branch in stats.branches:
+            if branch is not None:
+                proposed, matched, accepted, source = branch
+                self.branches[match_bucket(matched, source)].add(accepted, proposed)
         if params is None:
             return
         # A row that finished inside the step emitted fewer tokens than it accepted: count what it accepted.
         gains = [accepted + 1 for accepted in stats.accepted_lengths]
         self.acceptance.setdefault(params, _Acceptance()).add(sum(gains), len(gains))
         if params.top_k == 1:
-            positions = params.depth + 1
-            while len(self.reached) < positions:
-                self.reached.append(0)
-                self.accepted.append(0)
             for accepted in stats.accepted_lengths:
-                for position in range(1, min(accepted + 1, positions) + 1):
-                    self.reached[position - 1] += 1
-                    self.accepted[position - 1] += position <= accepted
+                self.chains.add(accepted, params.depth + 1)

@@ -159,6 +159,24 @@ def test_a_killed_cache_actor_restarts_from_its_snapshot(local_ray, tiny_demo, t
     assert decisions["lookups"] >= 24
 
 
+def test_a_cache_actor_killed_for_good_mid_job_loses_no_row(local_ray, tiny_demo, tmp_path):
+    """With cross-request drafts on, the cache actor dies for good (no restart) while the job runs: fetches and
+    publishes fail, counted, the rows draft from their own prompts and their actor's outputs, and every row comes
+    out generated."""
+    write_prompts(tiny_demo, tmp_path / "in.parquet", 24)
+    config = fault_config(tiny_demo, tmp_path / "in.parquet", tmp_path / "out", cross_request_drafts=True)
+    job = JobThread(config)
+    job.start()
+    cache = wait_for(lambda: cache_of(config), "the cache actor")
+    wait_for(lambda: ray.get(cache.stats.remote())["outputs"]["entries"] > 0, "a published output")
+    ray.kill(cache, no_restart=True)
+    summary = job.result()
+    table = assert_every_id_once(tmp_path / "out", [f"row-{i}" for i in range(24)])
+    assert table.column(ERROR_COLUMN).null_count == 24
+    assert summary["retrieval_failures"] > 0 and summary["outputs_published"] > 0
+    assert summary["shared_cache"] is None and summary["shared_cache_unreachable"]
+
+
 def test_a_killed_stats_collector_comes_back_with_the_reports(local_ray, tiny_demo, tmp_path):
     write_prompts(tiny_demo, tmp_path / "in.parquet", 24)
     config = fault_config(tiny_demo, tmp_path / "in.parquet", tmp_path / "out")
