@@ -7,8 +7,9 @@ the fetched outputs, and this actor's own recent outputs (shared by its rows, up
 finished row's output is queued and `publish` sends the queue to the cache actor after every batch, without
 waiting: publishing never holds up generation.
 
-Faults: a cache actor that is dead, restarting or slow (CALL_TIMEOUT_S) costs the rows of that batch their
-fetched outputs (they draft from their prompt and this actor's outputs), and is counted; nothing fails a row.
+Faults: a cache actor that is dead, restarting or slow (CALL_TIMEOUT_S), or an encoder that fails, costs the
+rows of that batch their fetched outputs (they draft from their prompt and this actor's outputs), and is
+counted; nothing fails a row.
 
 Counters (`RetrievalCounters`, cumulative) reach the job summary and the dashboard through the actor's stats;
 the tokens proposed and accepted per source are counted by the engine in each step's StepStats.
@@ -99,9 +100,14 @@ class CrossRequestDrafts:
         started = time.perf_counter()
         if self.cache is None:  # nothing to fetch from or publish to: no embeddings needed
             return [RowProposals(ids, (), self.recent, on_finish=self._finisher(None)) for ids in prompt_ids]
-        if self._encode is None:
-            self._encode = self._load_encoder()
-        embeddings = self._encode([text[:EMBED_CHARS] for text in texts])
+        try:
+            if self._encode is None:
+                self._encode = self._load_encoder()
+            embeddings = self._encode([text[:EMBED_CHARS] for text in texts])
+        except Exception:  # no embeddings: these rows draft from their prompts and this actor's outputs
+            with self._lock:
+                self.counters.fetch_failures += 1
+            return [RowProposals(ids, (), self.recent, on_finish=self._finisher(None)) for ids in prompt_ids]
         fetched_at = time.perf_counter()
         fetched = self._fetch(embeddings)
         with self._lock:

@@ -327,3 +327,15 @@ def test_outputs_reach_another_actor_and_a_dead_cache_means_local_only(ray_local
         assert time.monotonic() < deadline, "the failed publish was never counted"
         time.sleep(0.1)
         second.publish()
+
+
+def test_an_encoder_that_fails_means_local_only_drafting() -> None:
+    def broken(texts: list[str]) -> np.ndarray:
+        raise RuntimeError("no embeddings today")
+
+    drafts = CrossRequestDrafts(
+        object(), "model", "actor-a", lambda: broken
+    )  # never called: the fetch comes after
+    rows = drafts.start(["a prompt"], [[1, 2, 3, 1]])
+    assert rows[0].match([1, 2, 3, 1], 4).tokens == (2, 3, 1)
+    assert drafts.counters.fetch_failures == 1
