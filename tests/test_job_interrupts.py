@@ -37,11 +37,11 @@ def job_argv(tiny_demo: str, input_path, output, *extra: str) -> list[str]:
 def test_ctrl_c_says_what_is_written_and_a_second_driver_is_turned_away(
     local_ray, tiny_demo, tmp_path, capsys
 ):
-    num_rows = 64  # enough work that the driver still runs when its first result file appears
+    num_rows = 160  # enough work that the driver still runs when its first result file appears
     write_prompts(tiny_demo, tmp_path / "in.parquet", num_rows)
     output = tmp_path / "out"
     argv = job_argv(
-        tiny_demo, tmp_path / "in.parquet", output, "--policy", "static", "--max-new-tokens", "32"
+        tiny_demo, tmp_path / "in.parquet", output, "--policy", "static", "--max-new-tokens", "48"
     )
     argv += ["--batch-size", "2", "--no-progress"]
     driver = run_job_process(argv)
