@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test lint demo bench bench-batch bench-pipeline bench-cross-drafts gpu-check clean
+.PHONY: install run serve test lint demo bench bench-batch bench-pipeline bench-cross-drafts bench-serve gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ demo: $(STAMP)
 run: $(STAMP)
 	$(PY) -m jobs.generate --input examples/chat_sample.parquet --max-new-tokens 64 --overwrite
 
+# The OpenAI-compatible endpoint on the real model at http://127.0.0.1:8000/v1 until Ctrl-C.
+serve: $(STAMP)
+	$(PY) -m jobs.serve
+
 # The README's batch-1 tables: 8 held-out chat prompts, then 8 HumanEval prompts, 64 new tokens.
 bench: $(STAMP)
 	$(PY) -m jobs.bench --prompts examples/chat_prompts.parquet --num-prompts 8 --max-new-tokens 64 \
@@ -50,6 +54,11 @@ bench-batch: $(STAMP)
 bench-cross-drafts: $(STAMP)
 	$(PY) -m jobs.bench_cross_drafts --workload templated --num-prompts 200 --json outputs/bench_cross_templated.json
 	$(PY) -m jobs.bench_cross_drafts --workload chat --num-prompts 64 --json outputs/bench_cross_chat.json
+
+# The endpoint with speculation on and off, side by side, at 1, 4, 16 and 64 streaming clients (about 10 minutes here).
+bench-serve: $(STAMP)
+	$(PY) -m jobs.bench_serve --concurrency 1,4,16,64 --requests-per-client 1 --min-requests 12 --max-tokens 64 \
+		--json outputs/bench_serve.json
 
 bench-pipeline: $(STAMP)
 	$(PY) -m jobs.bench_pipeline --num-prompts 32 --max-new-tokens 64 --skip-cache-workload \

@@ -63,6 +63,11 @@ class EngineRunner:
         """Submit and wait: one result per request, in order."""
         return [future.result() for future in self.submit(requests)]
 
+    @property
+    def num_waiting(self) -> int:
+        """Requests submitted and not yet decoding (a gauge: read without the engine's lock)."""
+        return len(self._inbox) + len(self.engine.queue)
+
     def close(self) -> None:
         with self._wake:
             self._closed = True
@@ -105,4 +110,6 @@ class EngineRunner:
         results = self.engine.results
         for key in list(results):
             future, _ = self._futures.pop(key)
-            future.set_result(results.pop(key))
+            result = results.pop(key)
+            if not future.cancelled():  # a caller that gave up on its row
+                future.set_result(result)

@@ -65,7 +65,7 @@ from common.columns import (
     RESULT_SCHEMA,
 )
 from common.config import ProcessorConfig
-from engine.batch import GenerationRequest, RequestResult
+from engine.batch import GenerationRequest, PlainController, RequestResult
 from engine.chat import chat_eos_token_ids, chat_ids, has_chat_template
 from engine.ea_model import EaModel
 from engine.types import GenerationOutput, SamplingParams, StaticController, StepStats
@@ -200,7 +200,7 @@ class GenerationActor:
                 self.actor_id, load_encoder, cache, self.config.similarity_threshold
             )
         planner = None
-        if not self.per_row_trees and self.config.policy_kind != "static":
+        if not self.per_row_trees and self.config.policy_kind not in ("static", "plain"):
             planner = build_load_planner(
                 self.model.target, self.model.ea_layer, self.config.max_batch_size, log=self._log
             )
@@ -237,6 +237,8 @@ class GenerationActor:
 
     def _build_controller(self):
         kind = self.config.policy_kind
+        if kind == "plain":
+            return PlainController()
         if kind == "static" or not self.per_row_trees:
             return StaticController(self.config.static_tree)
         if kind == "heuristic":

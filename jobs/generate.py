@@ -1,6 +1,6 @@
 """Generate text for a Parquet prompt set on Ray: EAGLE speculative decoding in every actor, results to Parquet.
 
-    python -m jobs.generate [--input PATH] [--output DIR] [--policy PATH|static|heuristic] [--num-actors N] ...
+    python -m jobs.generate [--input PATH] [--output DIR] [--policy PATH|static|heuristic|plain] [--num-actors N] ...
 
 Locally it starts a Ray of its own; under `ray job submit --working-dir . -- python -m jobs.generate ...` (or with
 --address) it joins that cluster. Without --model/--draft/--policy it uses SmolLM2-135M-Instruct with its
@@ -83,13 +83,18 @@ def _parser_type(kind: type, optional: bool):
     return convert
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One option per `GenerateConfig` field, named `option_name(field)`, with the field's description as help
-    and its default (booleans as --x / --no-x), the job's own (input, output, ...) first, then the processor's.
-    Required fields without a job default are left out here."""
-    fields = GenerateConfig.model_fields
-    job_first = [name for name in fields if name not in ProcessorConfig.model_fields] + [
-        name for name in fields if name in ProcessorConfig.model_fields
+def add_config_options(
+    parser: argparse.ArgumentParser,
+    config_class: type[ProcessorConfig] = GenerateConfig,
+    only: tuple[str, ...] | None = None,
+) -> None:
+    """One option per field of `config_class` (a ProcessorConfig; default the job's), or per field in `only`,
+    named `option_name(field)`, with the field's description as help and its default (booleans as --x / --no-x),
+    the command's own (input, output, ...) first, then the processor's."""
+    fields = config_class.model_fields
+    names = [name for name in fields if only is None or name in only]
+    job_first = [name for name in names if name not in ProcessorConfig.model_fields] + [
+        name for name in names if name in ProcessorConfig.model_fields
     ]
     for name in job_first:
         field = fields[name]
@@ -175,14 +180,19 @@ def check_model_folders(config: GenerateConfig) -> GenerateConfig:
     return config
 
 
-def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+def validated(build, args: argparse.Namespace, command: str):
+    """build(args), or exit status 2 with one line per invalid option, spelled as on the command line."""
     try:
-        config = build_config(args)
+        return build(args)
     except ValidationError as error:
         problems = describe_validation_error(error, option_name)
-        print(f"jobs.generate: invalid configuration:\n{problems}", file=sys.stderr)
+        print(f"{command}: invalid configuration:\n{problems}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    config = validated(build_config, args, "jobs.generate")
     # Fatal input problems are found before anything is built or started.
     try:
         inputs = resolve_input(config.input, config.prompt_column, config.messages_column)

@@ -65,10 +65,10 @@ def check_draft_fits_target(model: str, draft: str) -> dict:
 
 
 def policy_trees(config: ProcessorConfig) -> list[TreeParams]:
-    """The trees the job's policy may choose (none for 'static', which runs --tree). Loads a policy folder as
-    each actor will; ModelCheckError naming it when that fails."""
+    """The trees the job's policy may choose (none for 'static', which runs --tree, or 'plain'). Loads a policy
+    folder as each actor will; ModelCheckError naming it when that fails."""
     kind = config.policy_kind
-    if kind == "static":
+    if kind in ("static", "plain"):
         return []
     if kind == "heuristic":
         return list(DEFAULT_ACTIONS)

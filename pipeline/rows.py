@@ -40,11 +40,11 @@ from common.columns import (
     SAMPLING_PARAMS_COLUMN,
 )
 from common.config import MAX_TEMPERATURE, GenerateConfig, ProcessorConfig
+from common.prompts import messages_error, prompt_error
 from pipeline.resume import ROW_HASH_COLUMN, id_digests, is_done
 
 MAX_NEW_TOKENS_COLUMN = "max_new_tokens"
 TEMPERATURE_COLUMN = "temperature"
-MESSAGE_ROLES = ("system", "user", "assistant")
 SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
 MAX_STOP_STRINGS = 16
 MAX_SEED = 2**63 - 1
@@ -176,47 +176,6 @@ def _one_of(column_value, sampling_value, column: str, key: str) -> tuple[object
             f"{column_value!r}; set one"
         )
     return sampling_value, None
-
-
-def prompt_error(prompt) -> str | None:
-    """Why a prompt value cannot be generated, or None when it can."""
-    if prompt is None:
-        return "prompt is null"
-    if not isinstance(prompt, str):
-        return f"prompt must be text, got {type(prompt).__name__}"
-    if not prompt.strip():
-        return "prompt is empty or whitespace" if prompt else "prompt is empty"
-    return None
-
-
-def messages_error(messages, config: ProcessorConfig) -> str | None:
-    """Why a messages value cannot be generated, or None when it can. A valid value is a non-empty list of
-    mappings, each with a `role` in MESSAGE_ROLES and non-blank string `content` (other keys are ignored),
-    e.g. [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]."""
-    if not config.chat_template:
-        return "messages need a chat template; the job runs with --no-chat-template (give prompts instead)"
-    if messages is None:
-        return "messages is null"
-    if not isinstance(messages, list | tuple):
-        return f"messages must be a list of {{role, content}} messages, got {type(messages).__name__}"
-    if not messages:
-        return "messages is empty"
-    for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        if not isinstance(message, Mapping):
-            return f"{where} must be a {{role, content}} mapping, got {type(message).__name__}"
-        role, content = message.get("role"), message.get("content")
-        if role is None:
-            return f"{where} has no role"
-        if role not in MESSAGE_ROLES:
-            return f"{where} has unknown role {role!r}; allowed: {', '.join(MESSAGE_ROLES)}"
-        if content is None:
-            return f"{where} has no content"
-        if not isinstance(content, str):
-            return f"{where} content must be text, got {type(content).__name__}"
-        if not content.strip():
-            return f"{where} content is empty or whitespace" if content else f"{where} content is empty"
-    return None
 
 
 def plan_row(

@@ -3,6 +3,8 @@
 - cluster.yaml: Ray's `prepare_config` then `validate_config` (what `ray up` runs before it contacts AWS), with
   networking switched off to prove that this step is offline; a CPU-only head and an autoscaling GPU worker type.
 - deploy/rayjob.yaml: a KubeRay RayJob whose entrypoint runs jobs.generate on a CPU head and GPU workers.
+- deploy/serve.yaml: a Ray Serve config that Serve's own schema accepts, whose builder makes the application
+  with autoscaling replicas and consistent request limits.
 - jobs/generate.yaml: a runtime_env that `ray.runtime_env.RuntimeEnv` accepts, alone and merged with
   `--working-dir .` the way `ray job submit` merges them, and whose upload stays small.
 - Every key in these YAML files carries a comment (on its line or the line above).
@@ -30,7 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
 RAYJOB_YAML = REPO / "deploy" / "rayjob.yaml"
 RUNTIME_ENV_YAML = REPO / "jobs" / "generate.yaml"
-COMMENTED_FILES = [CLUSTER_YAML, RAYJOB_YAML, RUNTIME_ENV_YAML]
+SERVE_YAML = REPO / "deploy" / "serve.yaml"
+COMMENTED_FILES = [CLUSTER_YAML, RAYJOB_YAML, RUNTIME_ENV_YAML, SERVE_YAML]
 
 # A mapping key at the start of a line, possibly as the first key of a list item: `key:`, `- key:`, `"~/x":`.
 KEY_LINE = re.compile(
@@ -231,3 +234,31 @@ def test_working_dir_upload_holds_the_code_and_stays_small(tmp_path: Path):
     size = package.stat().st_size
     assert size < 20 * 1024 * 1024, f"{size} bytes: something large slipped into the upload"
     assert size < GCS_STORAGE_MAX_SIZE
+
+
+def test_serve_config_validates_with_serve_schema_and_builds_its_application(tiny_demo):
+    from ray.serve.schema import ServeDeploySchema
+
+    from common.config import ServeConfig
+    from demo.build import demo_paths
+    from jobs.serve import app_builder
+
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_YAML.read_text()))
+    (app,) = schema.applications
+    assert app.import_path == "jobs.serve:app_builder" and app.route_prefix == "/"
+    (deployment,) = app.deployments
+    assert deployment.name == "EaglerayServer"
+    scaling = deployment.autoscaling_config
+    assert 1 <= scaling["min_replicas"] < scaling["max_replicas"]
+    assert deployment.ray_actor_options.num_gpus == 1
+    # The file's request limits agree with the replica's own: it answers the one past its limit with 429.
+    args = app.args
+    limit = ServeConfig(
+        model="m", draft="d", policy="static", **{k: v for k, v in args.items() if k != "models_root"}
+    )
+    assert deployment.max_ongoing_requests == limit.max_requests + 1
+    # The builder turns the file's args (with model folders that exist here) into the application.
+    paths = demo_paths(tiny_demo)
+    values = {**args, "model": paths["target"], "draft": paths["draft"], "policy": paths["policy"]}
+    application = app_builder(values)
+    assert type(application).__name__ == "Application"

@@ -188,3 +188,28 @@ def test_row_limits_give_named_errors_and_spare_the_other_rows(actor_config, tin
     assert "above max_prompt_tokens=6" in errors[1]
     assert errors[2] is None
     assert out.column("generated_text").to_pylist()[2] is not None
+
+
+def test_the_plain_policy_never_drafts_and_writes_what_the_speculative_actor_writes(actor_config):
+    """--policy plain (the speculation-off baseline of the job and the server): every step decodes one token,
+    and greedy rows equal the same rows decoded with speculation."""
+    prompts = ["def f(x):", "import os", "class A:", "for i in"]
+    texts = {}
+    for policy in ("plain", actor_config["policy"]):
+        config = {**actor_config, "shared_cache": False, "policy": policy, "max_new_tokens": 12}
+        actor = GenerationActor(config)
+        out = actor(
+            validate_rows(pa.table({"id": [1, 2, 3, 4], "prompt": prompts}), GenerateConfig(**config))
+        )
+        texts[policy] = out.column("generated_text").to_pylist()
+        if policy == "plain":
+            assert actor.planner is None
+            steps = out.column("num_steps").to_pylist()
+            generated = out.column("num_generated_tokens").to_pylist()
+            assert generated == [n + 1 for n in steps]  # the prefill's token, then one per step
+            assert all(
+                trees.startswith("plainx") and "," not in trees
+                for trees in out.column("tree_params").to_pylist()
+            )
+        actor.runner.close()
+    assert texts["plain"] == texts[actor_config["policy"]]

@@ -76,6 +76,7 @@ def test_config_problems_can_name_the_command_line_flags():
 def test_policy_kind():
     assert make_config(policy="static").policy_kind == "static"
     assert make_config(policy="heuristic").policy_kind == "heuristic"
+    assert make_config(policy="plain").policy_kind == "plain"
     assert make_config(policy="models/demo/policy").policy_kind == "learned"
     assert make_config(tree="12/11/1").static_tree == TreeParams(12, 11, 1)
 
