@@ -63,8 +63,10 @@ def server(models, local_ray):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     main = ServeConfig(**models, max_batch_size=4, max_new_tokens=24, served_model_name="tiny")
     small = ServeConfig(**models, max_batch_size=1, max_queued_requests=0, served_model_name="tiny")
-    deploy(main, "main", "/", 1.0, 0.0)
-    deploy(small, "small", "/small", 1.0, 0.0)
+    # No CPUs asked: the replicas start whatever an earlier module's Ray still holds (their torch threads are
+    # the process default).
+    deploy(main, "main", "/", 0.0, 0.0)
+    deploy(small, "small", "/small", 0.0, 0.0)
     yield {"base": f"http://127.0.0.1:{port}", "config": main}
     serve.shutdown()
 
