@@ -93,7 +93,8 @@ def checked_config(argv: list[str] | None) -> ServeConfig:
     """The config, every check done before Ray starts; exit status 2 with the problem named otherwise."""
     config = validated(build_config, parse_args(argv), "jobs.serve")
     try:
-        config = check_model_folders(config)
+        # The name is the one given (a folder's, or a hub id), not the cache folder a hub id resolves to.
+        config = check_model_folders(config.model_copy(update={"served_model_name": config.model_name}))
         check_models(config)
     except ValueError as error:
         print(f"jobs.serve: {error}", file=sys.stderr)

@@ -46,15 +46,18 @@ def test_ctrl_c_says_what_is_written_and_a_second_driver_is_turned_away(
     argv += ["--batch-size", "2", "--no-progress"]
     driver = run_job_process(argv)
     try:
-        wait_for(lambda: list_result_files_local(output) or driver.poll() is not None, "a first result file")
+        # While the job starts up, a second driver on the same folder (here in this process) stops before it
+        # touches anything; then Ctrl-C goes as soon as a first result file is there, so the job is mid-way.
+        wait_for(lambda: (output / LOCK_NAME).exists() or driver.poll() is not None, "the output's lock")
         assert driver.poll() is None, f"the job ended before the test could go on:\n{driver.stdout.read()}"
         assert open(output / LOCK_NAME).read().startswith(f'{{"pid": {driver.pid},')
-        # A second driver on the same folder (here in this process) stops before it touches anything.
         with pytest.raises(SystemExit) as exited:
             generate.main(argv)
         assert exited.value.code == 2
         refusal = capsys.readouterr().err
         assert f"is in use by another driver (pid {driver.pid} on " in refusal and "--output" in refusal
+        wait_for(lambda: list_result_files_local(output) or driver.poll() is not None, "a first result file")
+        assert driver.poll() is None, f"the job ended before the test could go on:\n{driver.stdout.read()}"
         written_before = count_written_rows(str(output))
         driver.send_signal(signal.SIGINT)  # what Ctrl-C sends
         log, _ = driver.communicate(timeout=120)
