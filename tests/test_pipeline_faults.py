@@ -192,6 +192,13 @@ def test_a_killed_stats_collector_comes_back_with_the_reports(local_ray, tiny_de
     assert os.path.isfile(tmp_path / "out" / "_actor_stats.json")
 
 
+def _default_sigint() -> None:
+    """In the child before it starts: Ctrl-C's default. A test run started in the background of a shell
+    (`make test &`) ignores SIGINT, the driver would inherit that, and Python then never raises
+    KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_job_process(argv: list[str]) -> subprocess.Popen:
     environment = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
@@ -201,6 +208,7 @@ def run_job_process(argv: list[str]) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=_default_sigint,
     )
 
 
