@@ -101,8 +101,8 @@ class Signals:
         self.event.set()
 
     def wait(self) -> int:
-        while not self.event.wait(timeout=1.0):
-            pass
+        while not self.event.wait(timeout=1.0):  # a timed wait, so the handlers run promptly on every Python
+            continue
         return self.received[0]
 
     def restore(self) -> None:
