@@ -36,8 +36,9 @@ def load_latency_table(target: TargetModel, head: DraftHead, max_rows: int, log=
     rows = measured_rows(max_rows)
     signature = {
         **latency_signature(target.config.to_dict(), str(target.device)),
-        "draft": head.config.hidden_size,
-        "draft_vocab": None if head.draft_vocab is None else int(head.draft_vocab.numel()),
+        "draft": head.hidden_size,
+        "draft_kind": head.kind,
+        "draft_vocab": head.num_proposal_tokens,
         "rows": list(rows),
     }
     name = f"{signature['model']}-{signature['device']}-{signature['num_threads']}t-{max_rows}rows.json"

@@ -195,7 +195,7 @@ class BatchEngine:
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        self.target, self.head = target, head
+        self.target, self.head = target.for_head(head), head
         self.drafter = BatchDrafter(head, target.lm_head)
         self.max_length, self.max_batch_size = max_length, max_batch_size
         self.planner, self.before_request = planner, before_request

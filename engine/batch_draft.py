@@ -15,6 +15,7 @@ import torch
 
 from engine.draft import DraftProjection, DraftResult, PendingDraftInput, draft_projection, tree_confidence
 from engine.draft_head import DraftHead, DraftKVCache
+from engine.eagle3_head import Eagle3Head
 from engine.slots import SlotCache
 from engine.tree import ScoredCandidates, select_tree
 from engine.types import TreeParams
@@ -28,9 +29,9 @@ class BatchDraftCache:
     slots: SlotCache
 
     @classmethod
-    def empty(cls, head: DraftHead, device: torch.device, num_rows: int = 1) -> BatchDraftCache:
+    def empty(cls, head: DraftHead | Eagle3Head, device: torch.device, num_rows: int = 1) -> BatchDraftCache:
         """A cache of `num_rows` rows and no positions, shaped for `head`."""
-        attention = head.layers[0].self_attn
+        attention = head.attention
         shape = (num_rows, attention.num_kv_heads, 0, attention.head_dim)
         cache = DraftKVCache()
         cache.keys = torch.zeros(shape, dtype=head.fc.weight.dtype, device=device)
@@ -41,7 +42,7 @@ class BatchDraftCache:
 class BatchDrafter:
     """Runs one draft head over a batch: `read` pending pairs, `draft` trees for every row."""
 
-    def __init__(self, head: DraftHead, lm_head: torch.nn.Module) -> None:
+    def __init__(self, head: DraftHead | Eagle3Head, lm_head: torch.nn.Module) -> None:
         self.head = head
         self.projection: DraftProjection = draft_projection(head, lm_head)
         self.dtype = head.fc.weight.dtype

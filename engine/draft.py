@@ -14,10 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from engine.draft_head import DraftHead, DraftKVCache
+from engine.draft_head import DraftHead, DraftKVCache, DraftProjection
+from engine.eagle3_head import Eagle3Head
 from engine.tree import DraftTree, ScoredCandidates, additive_mask, select_tree
 from engine.types import DraftConfidence, TreeParams
 
@@ -37,35 +37,13 @@ class DraftResult:
     confidence: DraftConfidence
 
 
-class DraftProjection:
-    """Draft logits from predicted features: the target's lm_head, or only its rows for the head's draft
-    vocabulary (`DraftHead.draft_vocab`), with the proposals mapped back to target ids.
-
-    Example: draft_vocab [2, 7, 9]; the best of the three rows is row 1 -> proposed target id 7."""
-
-    def __init__(self, lm_head: nn.Module, draft_vocab: torch.Tensor | None) -> None:
-        weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-        self.token_ids = None if draft_vocab is None else draft_vocab.to(weight.device)  # [V']
-        if self.token_ids is not None:
-            weight = weight[self.token_ids]  # [V', H], a copy made once per head and lm_head
-            bias = None if bias is None else bias[self.token_ids]
-        self.weight, self.bias = weight, bias
-
-    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [..., H] -> log-probabilities [..., V'] over the draft vocabulary."""
-        return torch.log_softmax(F.linear(hidden, self.weight, self.bias).float(), dim=-1)
-
-    def to_target_ids(self, indices: torch.Tensor) -> torch.Tensor:
-        return indices if self.token_ids is None else self.token_ids[indices]
-
-
-def draft_projection(head: DraftHead, lm_head: nn.Module) -> DraftProjection:
-    """The head's projection onto `lm_head`, built once and kept on the head (built again when the lm_head or the vocabulary is replaced)."""
-    vocab = head.draft_vocab
-    key = (id(lm_head), lm_head.weight.data_ptr(), lm_head.weight.dtype, None if vocab is None else id(vocab))
+def draft_projection(head: DraftHead | Eagle3Head, lm_head: nn.Module) -> DraftProjection:
+    """The head's projection (`projection(lm_head)`), built once and kept on the head; built again when the
+    lm_head, the head's weights or its vocabulary are replaced."""
+    key = (id(lm_head), lm_head.weight.data_ptr(), lm_head.weight.dtype, head.vocabulary_key)
     cached = getattr(head, "_draft_projection", None)
     if cached is None or cached[0] != key:
-        cached = (key, DraftProjection(lm_head, vocab))
+        cached = (key, head.projection(lm_head))
         head._draft_projection = cached
     return cached[1]
 
@@ -73,7 +51,7 @@ def draft_projection(head: DraftHead, lm_head: nn.Module) -> DraftProjection:
 class Drafter:
     """Runs the draft head with its own KV cache and the target's lm_head (or its draft-vocabulary rows)."""
 
-    def __init__(self, head: DraftHead, lm_head: nn.Module) -> None:
+    def __init__(self, head: DraftHead | Eagle3Head, lm_head: nn.Module) -> None:
         self.head = head
         self.projection = draft_projection(head, lm_head)
         self.cache = DraftKVCache()

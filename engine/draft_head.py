@@ -153,15 +153,18 @@ class DraftKVCache:
 
 
 class DraftAttention(nn.Module):
-    def __init__(self, config: DraftHeadConfig) -> None:
+    """LLaMA attention over the head's own KV cache. `input_size`: what q/k/v read (EAGLE-3 reads 2H)."""
+
+    def __init__(self, config: DraftHeadConfig, input_size: int | None = None) -> None:
         super().__init__()
         head_dim = config.resolved_head_dim
+        input_size = input_size or config.hidden_size
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * head_dim, bias=False)
+        self.q_proj = nn.Linear(input_size, self.num_heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(input_size, self.num_kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(input_size, self.num_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * head_dim, config.hidden_size, bias=False)
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
@@ -223,8 +226,47 @@ class DraftLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
+class DraftProjection:
+    """Draft log-probabilities from a head's predicted hiddens: an lm_head's weight (the target's, or only its
+    rows for a draft vocabulary, or an EAGLE-3 head's own), after an optional final `norm`, with proposals mapped
+    back to target ids by `token_ids` (None: draft id = target id).
+
+    Example: token_ids [2, 7, 9]; the best of the three rows is row 1 -> proposed target id 7."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        token_ids: torch.Tensor | None = None,
+        norm: nn.Module | None = None,
+    ) -> None:
+        self.weight, self.bias, self.norm = weight, bias, norm  # weight [V', H]
+        self.token_ids = None if token_ids is None else token_ids.to(weight.device)  # [V']
+
+    @classmethod
+    def rows_of(cls, lm_head: nn.Module, token_ids: torch.Tensor | None) -> DraftProjection:
+        """The rows of `lm_head` for `token_ids` (all of it for None): a copy made once per head and lm_head."""
+        weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+        if token_ids is None:
+            return cls(weight, bias)
+        token_ids = token_ids.to(weight.device)
+        return cls(weight[token_ids], None if bias is None else bias[token_ids], token_ids)
+
+    def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [..., H] -> log-probabilities [..., V'] over the draft vocabulary."""
+        if self.norm is not None:
+            hidden = self.norm(hidden)
+        return torch.log_softmax(F.linear(hidden, self.weight, self.bias).float(), dim=-1)
+
+    def to_target_ids(self, indices: torch.Tensor) -> torch.Tensor:
+        return indices if self.token_ids is None else self.token_ids[indices]
+
+
 class DraftHead(nn.Module):
     """EAGLE-1/2 draft head. `forward` maps (token ids, target features) to predicted next features."""
+
+    kind = "eagle"
+    feature_layers = None  # it reads the target's last (post-norm) hidden state
 
     def __init__(self, config: DraftHeadConfig) -> None:
         super().__init__()
@@ -235,6 +277,28 @@ class DraftHead(nn.Module):
         self.draft_vocab: torch.Tensor | None = (
             None  # [V'] sorted target ids, or None for the whole vocabulary
         )
+
+    @property
+    def attention(self) -> DraftAttention:
+        return self.layers[0].self_attn
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_proposal_tokens(self) -> int:
+        """How many tokens the head proposes from (its draft vocabulary, or the whole one)."""
+        return self.config.vocab_size if self.draft_vocab is None else int(self.draft_vocab.numel())
+
+    @property
+    def vocabulary_key(self) -> int | None:
+        """Changes when the draft vocabulary is replaced (keys cached projections)."""
+        return None if self.draft_vocab is None else id(self.draft_vocab)
+
+    def projection(self, lm_head: nn.Module) -> DraftProjection:
+        """Draft log-probabilities over the target's `lm_head`, or its rows for the draft vocabulary."""
+        return DraftProjection.rows_of(lm_head, self.draft_vocab)
 
     def set_draft_vocab(self, token_ids: torch.Tensor | None) -> None:
         """Draw proposals from these target token ids only (None: the whole vocabulary)."""
@@ -290,9 +354,12 @@ class DraftHead(nn.Module):
             raise ValueError(f"draft head folder {path!r} has no {CONFIG_NAME}")
         with open(config_path) as f:
             data = json.load(f)
-        state = _load_state_dict(path)
+        state = load_state_dict(path)
         if any(k.startswith("midlayer.") for k in state):
-            raise ValueError(f"{path!r} is an EAGLE-3 head (midlayer.*); only EAGLE-1/2 heads are supported")
+            raise ValueError(
+                f"{path!r} is an EAGLE-3 head (midlayer.*); load it with engine.heads.load_draft_head or "
+                "Eagle3Head.from_pretrained"
+            )
         state = {k.removeprefix("model."): v for k, v in state.items()}
         data = {**data, "bias": "fc.bias" in state}
         config = DraftHeadConfig.from_official_json(data)
@@ -323,7 +390,7 @@ class DraftHead(nn.Module):
         return head.eval()
 
 
-def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     safetensors_path = os.path.join(path, SAFETENSORS_NAME)
     bin_path = os.path.join(path, BIN_NAME)
     if os.path.isfile(safetensors_path):

@@ -14,8 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from engine.batch import GenerationRequest, generate_batch
-from engine.draft_head import DraftHead
 from engine.generate import generate_plain, generate_speculative
+from engine.heads import AnyDraftHead, load_draft_head
 from engine.target import TargetModel
 from engine.types import (
     BatchPlanner,
@@ -37,7 +37,7 @@ class EaModel(torch.nn.Module):
     def __init__(
         self,
         base_model: PreTrainedModel,
-        ea_layer: DraftHead,
+        ea_layer: AnyDraftHead,
         tree_params: TreeParams,
         tokenizer=None,
         base_model_name_or_path: str | None = None,
@@ -45,7 +45,7 @@ class EaModel(torch.nn.Module):
         super().__init__()
         self.base_model = base_model
         self.ea_layer = ea_layer
-        self.target = TargetModel(base_model)
+        self.target = TargetModel(base_model, ea_layer.feature_layers)
         self.tree_params = tree_params
         self.tokenizer = tokenizer
         self.base_model_name_or_path = base_model_name_or_path
@@ -54,14 +54,19 @@ class EaModel(torch.nn.Module):
     @classmethod
     def from_pretrained(
         cls,
+        use_eagle3: bool | None = None,
         base_model_path: str | None = None,
         ea_model_path: str | None = None,
         total_token: int = 60,
         depth: int = 5,
         top_k: int = 10,
+        threshold: float = 1.0,
         **hf_kwargs,
     ) -> EaModel:
-        """Load a target with AutoModelForCausalLM and an EAGLE-1/2 head from a folder in the official layout."""
+        """Load a target with AutoModelForCausalLM and an EAGLE-1/2 or EAGLE-3 head from a folder in the official
+        layout. use_eagle3: None reads the kind from the checkpoint; True or False must agree with it.
+        threshold: accepted for the official signature; trees here are shaped by total_token/depth/top_k only."""
+        del threshold
         if base_model_path is None or ea_model_path is None:
             raise ValueError("EaModel.from_pretrained needs base_model_path= and ea_model_path=")
         for name, path in (("base_model_path", base_model_path), ("ea_model_path", ea_model_path)):
@@ -72,13 +77,7 @@ class EaModel(torch.nn.Module):
         hf_kwargs.setdefault("trust_remote_code", False)
         base_model = AutoModelForCausalLM.from_pretrained(base_model_path, **hf_kwargs).eval()
         TargetModel(base_model)  # refuse unsupported targets with a clear error
-        embeddings = base_model.get_input_embeddings().weight
-        head = DraftHead.from_pretrained(ea_model_path, target_embeddings=embeddings.float().cpu())
-        head = head.to(device=base_model.device, dtype=base_model.dtype)
-        if head.config.hidden_size != base_model.config.hidden_size:
-            raise ValueError(
-                f"draft head hidden_size {head.config.hidden_size} != target hidden_size {base_model.config.hidden_size}"
-            )
+        head = load_draft_head(ea_model_path, base_model, use_eagle3)
         tokenizer = None
         try:
             tokenizer = AutoTokenizer.from_pretrained(

@@ -160,6 +160,7 @@ def generate_speculative(
     time_steps: fill each StepStats' draft and verify seconds. None: on the CPU, where it is free, and not on
         CUDA, where reading a step's time waits for its kernels; untimed steps report 0.0."""
     started = time.perf_counter()
+    target = target.for_head(head)
     ids, rules = prepare(target, input_ids, max_new_tokens, max_length, eos_token_id, generator)
     prompt_length = ids.shape[1]
     output = ids[0].tolist()

@@ -51,6 +51,7 @@ def measure_batch_latency(
 
     Returns {"context": C, "verify": [[rows, width, s], ...], "draft_base": [[rows, top_k, s], ...],
     "draft_round": [[rows, top_k, s], ...]}: JSON-ready."""
+    target = target.for_head(head)
     device = target.device
     generator = torch.Generator().manual_seed(seed)
     vocab = target.lm_head.out_features

@@ -20,7 +20,8 @@ MASKABLE_ATTENTION = ("sdpa", "eager")
 
 @dataclass(frozen=True)
 class TargetOutput:
-    """logits [B, Q, V] for the requested positions; features [B, Q, H], the post-norm last hidden states."""
+    """logits [B, Q, V] for the requested positions; features [B, Q, F], what the draft head reads (the post-norm
+    last hidden states, F = H, or several layers' concatenated, `TargetModel.feature_layers`)."""
 
     logits: torch.Tensor
     features: torch.Tensor
@@ -53,10 +54,19 @@ def check_supported(model: PreTrainedModel) -> None:
 
 
 class TargetModel:
-    """Holds a stock HF causal LM and its KV cache for one generation."""
+    """Holds a stock HF causal LM and its KV cache for one generation.
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    feature_layers: which hidden states make the draft head's features: None, the last (post-norm) one (EAGLE-1/2);
+    else these `output_hidden_states` indices, concatenated (EAGLE-3 reads three)."""
+
+    def __init__(self, model: PreTrainedModel, feature_layers: tuple[int, ...] | None = None) -> None:
         check_supported(model)
+        num_layers = model.config.num_hidden_layers
+        if feature_layers is not None and not all(0 <= i <= num_layers for i in feature_layers):
+            raise ValueError(
+                f"feature layers {feature_layers} are outside the target's hidden states 0..{num_layers}"
+            )
+        self.feature_layers = None if feature_layers is None else tuple(feature_layers)
         self.model = model
         self.backbone = model.base_model
         self.lm_head = model.get_output_embeddings()
@@ -64,6 +74,24 @@ class TargetModel:
         # transformers renamed `past_key_values` to `cache` (5.2x); use whichever this version takes.
         parameters = inspect.signature(self.backbone.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
+
+    def for_head(self, head) -> TargetModel:
+        """This target producing the features `head` reads (itself when it already does; a view built once)."""
+        if head.feature_layers == self.feature_layers:
+            return self
+        views = self.__dict__.setdefault("_views", {})
+        if head.feature_layers not in views:
+            views[head.feature_layers] = TargetModel(self.model, head.feature_layers)
+        return views[head.feature_layers]
+
+    def run_backbone(self, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backbone on `inputs`: (last post-norm hidden [B, Q, H], draft features [B, Q, H or k*H])."""
+        if self.feature_layers is None:
+            hidden = self.backbone(**inputs).last_hidden_state
+            return hidden, hidden
+        out = self.backbone(**inputs, output_hidden_states=True)
+        features = torch.cat([out.hidden_states[i] for i in self.feature_layers], dim=-1)
+        return out.last_hidden_state, features
 
     @property
     def device(self) -> torch.device:
@@ -82,25 +110,25 @@ class TargetModel:
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, cache: DynamicCache) -> TargetOutput:
-        """Run the prompt [B, T]. Returns logits for the last position only [B, 1, V] and all features [B, T, H]."""
-        hidden = self.backbone(
+        """Run the prompt [B, T]. Returns logits for the last position only [B, 1, V] and all features [B, T, F]."""
+        hidden, features = self.run_backbone(
             input_ids=input_ids, use_cache=True, **{self.cache_argument: cache}
-        ).last_hidden_state
-        return TargetOutput(logits=self.lm_head(hidden[:, -1:]).float(), features=hidden)
+        )
+        return TargetOutput(logits=self.lm_head(hidden[:, -1:]).float(), features=features)
 
     @torch.inference_mode()
     def forward_tree(
         self, token_ids: torch.Tensor, position_ids: torch.Tensor, mask: torch.Tensor, cache: DynamicCache
     ) -> TargetOutput:
         """Score tree nodes [B, Q] at `position_ids` [B, Q] under the additive 4D `mask` [B, 1, Q, past + Q]."""
-        hidden = self.backbone(
+        hidden, features = self.run_backbone(
             input_ids=token_ids,
             attention_mask=mask,
             position_ids=position_ids,
             use_cache=True,
             **{self.cache_argument: cache},
-        ).last_hidden_state
-        return TargetOutput(logits=self.lm_head(hidden).float(), features=hidden)
+        )
+        return TargetOutput(logits=self.lm_head(hidden).float(), features=features)
 
     @staticmethod
     @torch.inference_mode()

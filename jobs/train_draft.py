@@ -1,7 +1,9 @@
-"""Train an EAGLE-1/2 draft head for any supported target.
+"""Train an EAGLE-1/2 draft head (or with --eagle3 an EAGLE-3 one) for any supported target.
 
     python -m jobs.train_draft --target PATH --prompts PARQUET --out DIR
     python -m jobs.train_draft --target models/smollm2/target --sharegpt 2000 --out models/smollm2/draft
+    python -m jobs.train_draft --eagle3 --draft-vocab-size 8192 --target models/smollm2/target --sharegpt 600 \
+        --responses dataset --out models/smollm2/draft-eagle3
 
 With --prompts, the target continues each prompt and the head learns from that text; the last --eval-fraction of
 the prompts is held out to report acceptance (tau). With --sharegpt N, the data are the first exchanges of N
@@ -99,6 +101,18 @@ def _parser() -> argparse.ArgumentParser:
         "vocabulary)",
     )
     parser.add_argument(
+        "--eagle3",
+        action="store_true",
+        help="train an EAGLE-3 head (three target layers, training-time test), saved in the official EAGLE-3 "
+        "layout",
+    )
+    parser.add_argument(
+        "--ttt-steps",
+        type=int,
+        default=defaults.ttt_steps,
+        help="with --eagle3: steps the training-time test unrolls",
+    )
+    parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow the target's own modelling code"
     )
     return parser
@@ -113,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--target {args.target!r} is not a folder")
     if args.draft_vocab_size is not None and args.draft_vocab_size < 1:
         parser.error(f"--draft-vocab-size must be >= 1, got {args.draft_vocab_size}")
+    if args.ttt_steps < 1:
+        parser.error(f"--ttt-steps must be >= 1, got {args.ttt_steps}")
     if args.sharegpt is not None and args.sharegpt < 1:
         parser.error(f"--sharegpt must be >= 1, got {args.sharegpt}")
     try:
@@ -132,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
         time_budget_s=args.time_budget,
         eval_tree=eval_tree,
         draft_vocab_size=args.draft_vocab_size,
+        eagle3=args.eagle3,
+        ttt_steps=args.ttt_steps,
         learning_rate=args.learning_rate,
         batch_size=args.batch_size,
         token_loss_weight=args.token_loss_weight,
@@ -153,6 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     summary = {k: v for k, v in report.to_dict().items() if k != "losses"}
     summary["responses"] = args.responses if args.sharegpt else "target"
+    summary["kind"] = "eagle3" if args.eagle3 else "eagle"
     with open(os.path.join(args.out, "training_report.json"), "w") as f:
         json.dump({**report.to_dict(), **summary, "command": argv_text(argv)}, f, indent=2)
     print(json.dumps(summary, indent=2))

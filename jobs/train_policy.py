@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from assets.draft_data import first_turn_prompts
 from engine.chat import chat_eos_token_ids, has_chat_template, prompt_ids
-from engine.draft_head import DraftHead
+from engine.heads import load_draft_head
 from engine.target import TargetModel
 from jobs import HelpFormatter, program
 from jobs.models import DEFAULT_ROOT
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"jobs.train_policy: no prompts left after skipping {args.skip_prompts}")
     eos = chat_eos_token_ids(model, tokenizer) if has_chat_template(tokenizer) else ()
     target = TargetModel(model)
-    head = DraftHead.from_pretrained(args.draft, target_embeddings=model.get_input_embeddings().weight)
+    head = load_draft_head(args.draft, model)
     head = head.to(target.device).requires_grad_(False)
     config = PolicyTrainConfig(
         epochs=args.epochs, max_new_tokens=args.max_new_tokens, exploration=args.exploration, seed=args.seed

@@ -1,8 +1,8 @@
 """Driver-side checks that a job's models fit together, before any actor starts; they read no weights.
 
 A draft head fits its target when both have the same hidden size and vocabulary size (read from the two
-config.json files): the head concatenates target features of hidden_size and embeds target tokens, so any other
-head fails in every actor at start-up. A policy folder fits when it loads (policy.json, policy.safetensors and
+config.json files; an EAGLE-3 head names the target's width `target_hidden_size`): the head reads target features
+of hidden_size and embeds target tokens, so any other head fails in every actor at start-up. A policy folder fits when it loads (policy.json, policy.safetensors and
 latency.json: what each actor would load) and every tree the job may run branches at most vocab_size ways
 (`top_k`). What else a policy learned about its target (how often drafts are accepted) only changes speed,
 never text, and its latency table records the target only as a hash of a config that includes the folder's path
@@ -55,13 +55,16 @@ def check_draft_fits_target(model: str, draft: str) -> dict:
         missing = [key for key in SHARED_SIZES if not isinstance(config.get(key), int)]
         if missing:
             raise ModelCheckError(f"{option} {folder!r}: {CONFIG_NAME} has no integer {' or '.join(missing)}")
+    # An EAGLE-3 head's own width may differ from the target's: it names the target's as target_hidden_size.
+    head = {**head, "hidden_size": head.get("target_hidden_size", head["hidden_size"])}
     mismatches = [f"{key} {head[key]} vs {target[key]}" for key in SHARED_SIZES if head[key] != target[key]]
     if mismatches:
         raise ModelCheckError(
             f"--draft {draft!r} does not fit --model {model!r}: {', '.join(mismatches)} (draft vs model); "
             "give the draft head trained for this model with --draft"
         )
-    return target
+    # Trees branch over what the head proposes from: an EAGLE-3 head's draft vocabulary may be smaller.
+    return {**target, "vocab_size": min(target["vocab_size"], head.get("draft_vocab_size", target["vocab_size"]))}
 
 
 def policy_trees(config: ProcessorConfig) -> list[TreeParams]:

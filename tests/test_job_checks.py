@@ -287,3 +287,19 @@ def test_more_actors_than_the_cluster_holds_is_one_line_and_exit_2(
                 input="x", output="y", model="m", draft="d", policy="static", num_actors=8, cpus_per_actor=1.0
             )
         )
+
+
+def test_an_eagle3_head_fits_by_its_target_hidden_size_and_trees_by_its_draft_vocabulary(tmp_path, tiny_demo):
+    """An EAGLE-3 config.json names the target's width target_hidden_size (its own may differ) and drafts over
+    draft_vocab_size tokens: a tree may branch no wider."""
+    paths = demo_paths(tiny_demo)
+    fits = write_config(
+        tmp_path / "e3", hidden_size=32, target_hidden_size=64, vocab_size=512, draft_vocab_size=3
+    )
+    base = {"input": "x", "output": "y", "model": paths["target"], "draft": fits, "policy": "static"}
+    check_models(GenerateConfig(**base, tree="8/4/3"))
+    with pytest.raises(ModelCheckError, match=r"--tree does not fit .*\['8/4/4'\]"):
+        check_models(GenerateConfig(**base, tree="8/4/4"))
+    other = write_config(tmp_path / "e3-other", hidden_size=64, target_hidden_size=576, vocab_size=512)
+    with pytest.raises(ModelCheckError, match="hidden_size 576 vs 64"):
+        check_models(GenerateConfig(**{**base, "draft": other}))

@@ -38,6 +38,7 @@ def measure_latency_table(
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if len(prompt_ids) < 2:
         raise ValueError("latency measurement needs a prompt of at least 2 tokens")
+    target = target.for_head(head)
     device = target.device
     ids = torch.tensor([prompt_ids], device=device)
     cache = target.new_cache()

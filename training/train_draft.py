@@ -1,4 +1,4 @@
-"""Train an EAGLE-1/2 draft head on a target's own continuations.
+"""Train an EAGLE-1/2 draft head on a target's own continuations (an EAGLE-3 one: `training.train_eagle3`).
 
 1. collect: the target greedily continues each prompt (HF generate, batched), then one forward pass captures its
    post-norm last hidden states (the features) along prompt + continuation.
@@ -10,12 +10,14 @@
    the drafter proposes from the same tokens it was trained on.
 3. evaluate: speculative generation on held-out prompts, reporting tau (tokens per step).
 
+With `eagle3`, steps 1-2 are EAGLE-3's (three feature layers, the training-time test; `training.train_eagle3`)
+and the head is saved in the official EAGLE-3 layout.
+
 Token ids in, head out; prompts come tokenized. Saving uses the official layout (draft_head.py).
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -28,8 +30,8 @@ from engine.draft_head import DraftHead, DraftHeadConfig
 from engine.generate import generate_speculative
 from engine.target import TargetModel
 from engine.types import StaticController, TreeParams
-
-PACE_STEPS = 10  # steps timed to fit the learning-rate schedule to a time budget
+from training.fit import fit
+from training.train_eagle3 import eagle3_examples, train_eagle3_head
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,9 @@ class DraftTrainConfig:
     feature_noise: float = 0.1
     unroll_passes: int = 2
     draft_vocab_size: int | None = None  # None: the target's whole vocabulary
+    eagle3: bool = False  # train an EAGLE-3 head (training-time test) instead of an EAGLE-1/2 one
+    ttt_steps: int = 5  # EAGLE-3: unrolled steps of the training-time test
+    ttt_decay: float = 0.8  # EAGLE-3: loss weight of step i is ttt_decay**i
     time_budget_s: float | None = None
     eval_tree: TreeParams = TreeParams(24, 5, 4)
     eval_max_new_tokens: int = 96
@@ -143,7 +148,7 @@ def choose_draft_vocab(
     if not 1 <= size <= vocab_size:
         raise ValueError(f"draft_vocab_size must be in [1, {vocab_size}], got {size}")
     counts = torch.zeros(vocab_size, dtype=torch.float64)
-    for ids, _ in examples:
+    for ids, *_ in examples:
         counts.index_add_(0, ids, torch.ones(ids.shape[0], dtype=torch.float64))
     order = torch.argsort(-counts, stable=True)  # most frequent first; equal counts keep id order
     return order[:size].sort().values
@@ -207,7 +212,6 @@ def train_head(
 ) -> tuple[DraftHead, list[float], float]:
     """Fit a fresh head. Embeddings and lm_head are the target's, frozen. Returns (head, losses, seconds)."""
     torch.manual_seed(config.seed)
-    generator = torch.Generator().manual_seed(config.seed)
     head = DraftHead(head_config or DraftHeadConfig.for_target(model.config))
     head.embed_tokens.weight.data.copy_(model.get_input_embeddings().weight.detach().float().cpu())
     head.embed_tokens.weight.requires_grad_(False)
@@ -216,47 +220,14 @@ def train_head(
         vocab = choose_draft_vocab(examples, config.draft_vocab_size, head.config.vocab_size)
         head.set_draft_vocab(vocab)
         lm_head = _rows(lm_head, vocab)
-    trainable = [p for p in head.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0, betas=(0.9, 0.95))
-    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    # With a time budget, the cosine decay is fitted to the steps the budget allows (estimated from the first
-    # steps' pace), so a budgeted run still ends at the low learning rate instead of being cut off at a high one.
-    planned = {"steps": total_steps}
-
-    def schedule(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress_fraction = (step - config.warmup_steps) / max(1, planned["steps"] - config.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress_fraction)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    losses: list[float] = []
-    started = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="draft head: train", disable=not progress)
-    head.train()
-    for _ in range(config.epochs):
-        for token_ids, features, valid in _batches(examples, config.batch_size, generator):
-            loss = draft_losses(head, lm_head, token_ids, features, valid, config)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-            optimizer.step()
-            scheduler.step()
-            losses.append(loss.item())
-            if config.time_budget_s is not None and len(losses) == PACE_STEPS:
-                pace = (time.perf_counter() - started) / PACE_STEPS
-                planned["steps"] = min(total_steps, max(PACE_STEPS + 1, int(config.time_budget_s / pace)))
-                bar.total = planned["steps"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-            if config.time_budget_s is not None and time.perf_counter() - started > config.time_budget_s:
-                break
-        else:
-            continue
-        break
-    bar.close()
-    return head.eval(), losses, time.perf_counter() - started
+    return fit(
+        head,
+        examples,
+        lambda batch: draft_losses(head, lm_head, *batch, config),
+        config,
+        _batches,
+        progress,
+    )
 
 
 def _rows(module: torch.nn.Linear, token_ids: torch.Tensor) -> torch.nn.Linear:
@@ -319,9 +290,17 @@ def train_draft_head(
     started = time.perf_counter()
     if sequences is None:
         sequences = target_continuations(model, train_prompts, config, eos_token_ids, progress)
-    examples = sequence_features(model, sequences, progress)
-    collect_seconds = time.perf_counter() - started
-    head, losses, train_seconds = train_head(model, examples, config, progress=progress)
+    if config.eagle3:
+        examples = eagle3_examples(model, sequences, progress)
+        vocab = None
+        if config.draft_vocab_size is not None:
+            vocab = choose_draft_vocab(examples, config.draft_vocab_size, model.config.vocab_size)
+        collect_seconds = time.perf_counter() - started
+        head, losses, train_seconds = train_eagle3_head(model, examples, vocab, config, progress=progress)
+    else:
+        examples = sequence_features(model, sequences, progress)
+        collect_seconds = time.perf_counter() - started
+        head, losses, train_seconds = train_head(model, examples, config, progress=progress)
     head = head.to(device=model.device, dtype=model.dtype)
     tau = (
         evaluate_head(model, head, eval_prompts, config, progress, eos_token_ids)
@@ -330,7 +309,7 @@ def train_draft_head(
     )
     report = DraftTrainReport(
         num_train_sequences=len(examples),
-        num_train_tokens=sum(ids.shape[0] for ids, _ in examples),
+        num_train_tokens=sum(example[0].shape[0] for example in examples),
         collect_seconds=collect_seconds,
         train_seconds=train_seconds,
         num_steps=len(losses),
