@@ -64,7 +64,10 @@ def check_draft_fits_target(model: str, draft: str) -> dict:
             "give the draft head trained for this model with --draft"
         )
     # Trees branch over what the head proposes from: an EAGLE-3 head's draft vocabulary may be smaller.
-    return {**target, "vocab_size": min(target["vocab_size"], head.get("draft_vocab_size", target["vocab_size"]))}
+    return {
+        **target,
+        "vocab_size": min(target["vocab_size"], head.get("draft_vocab_size", target["vocab_size"])),
+    }
 
 
 def policy_trees(config: ProcessorConfig) -> list[TreeParams]:
