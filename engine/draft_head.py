@@ -349,11 +349,7 @@ class DraftHead(nn.Module):
 
         `target_embeddings` [vocab, H] fills `embed_tokens` when the checkpoint has none.
         """
-        config_path = os.path.join(path, CONFIG_NAME)
-        if not os.path.isdir(path) or not os.path.isfile(config_path):
-            raise ValueError(f"draft head folder {path!r} has no {CONFIG_NAME}")
-        with open(config_path) as f:
-            data = json.load(f)
+        data = read_head_config(path)
         state = load_state_dict(path)
         if any(k.startswith("midlayer.") for k in state):
             raise ValueError(
@@ -388,6 +384,15 @@ class DraftHead(nn.Module):
                 raise ValueError(f"{vocab_path!r} must hold one int64 tensor named 'token_ids'")
             head.set_draft_vocab(vocab["token_ids"])
         return head.eval()
+
+
+def read_head_config(path: str) -> dict:
+    """The config.json of the head folder at `path`; ValueError when the folder or the file is missing."""
+    config_path = os.path.join(path, CONFIG_NAME)
+    if not os.path.isdir(path) or not os.path.isfile(config_path):
+        raise ValueError(f"draft head folder {path!r} has no {CONFIG_NAME}")
+    with open(config_path) as f:
+        return json.load(f)
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:

@@ -34,6 +34,7 @@ from engine.draft_head import (
     DraftProjection,
     RMSNorm,
     load_state_dict,
+    read_head_config,
 )
 
 ARCHITECTURE = "LlamaForCausalLMEagle3"
@@ -231,11 +232,7 @@ class Eagle3Head(nn.Module):
     ) -> Eagle3Head:
         """Load an EAGLE-3 head from `path`; `target_embeddings` [vocab, H] fill `embed_tokens` when the
         checkpoint has none."""
-        config_path = os.path.join(path, CONFIG_NAME)
-        if not os.path.isdir(path) or not os.path.isfile(config_path):
-            raise ValueError(f"draft head folder {path!r} has no {CONFIG_NAME}")
-        with open(config_path) as f:
-            data = json.load(f)
+        data = read_head_config(path)
         state = {k.removeprefix("model."): v for k, v in load_state_dict(path).items()}
         if "draft_vocab_size" not in data and "lm_head.weight" in state:
             data = {**data, "draft_vocab_size": state["lm_head.weight"].shape[0]}

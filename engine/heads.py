@@ -7,12 +7,11 @@ an EAGLE-3 head learns which target layers it reads from the target's depth.
 
 from __future__ import annotations
 
-import json
 import os
 
 from transformers import PreTrainedModel
 
-from engine.draft_head import CONFIG_NAME, SAFETENSORS_NAME, DraftHead, load_state_dict
+from engine.draft_head import SAFETENSORS_NAME, DraftHead, load_state_dict, read_head_config
 from engine.eagle3_head import Eagle3Head, eagle3_feature_layers, is_eagle3_checkpoint
 
 AnyDraftHead = DraftHead | Eagle3Head
@@ -20,11 +19,7 @@ AnyDraftHead = DraftHead | Eagle3Head
 
 def checkpoint_is_eagle3(path: str) -> bool:
     """Whether the head folder at `path` holds an EAGLE-3 head (its config and weight keys decide)."""
-    config_path = os.path.join(path, CONFIG_NAME)
-    if not os.path.isdir(path) or not os.path.isfile(config_path):
-        raise ValueError(f"draft head folder {path!r} has no {CONFIG_NAME}")
-    with open(config_path) as f:
-        config = json.load(f)
+    config = read_head_config(path)
     if os.path.isfile(os.path.join(path, SAFETENSORS_NAME)):
         from safetensors import safe_open  # reads the key list only, not the weights
 
