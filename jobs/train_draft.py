@@ -31,6 +31,7 @@ from engine.chat import chat_eos_token_ids, prompt_ids
 from engine.types import TreeParams
 from jobs import HelpFormatter, program
 from jobs.prompts import read_prompt_column
+from training.fit import PRECISIONS
 from training.train_draft import DraftTrainConfig, target_continuations, train_draft_head
 
 DEFAULT_EVAL_PROMPTS = "examples/chat_prompts.parquet"
@@ -113,6 +114,13 @@ def _parser() -> argparse.ArgumentParser:
         help="with --eagle3: steps the training-time test unrolls",
     )
     parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="feature passes and losses in fp32, or under bf16 autocast (weights stay fp32); auto: bf16 where "
+        "the device multiplies bf16 in hardware (CUDA with bf16, CPUs with AMX or AVX512-BF16)",
+    )
+    parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow the target's own modelling code"
     )
     return parser
@@ -153,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         learning_rate=args.learning_rate,
         batch_size=args.batch_size,
         token_loss_weight=args.token_loss_weight,
+        precision=args.precision,
         max_prompt_tokens=SHAREGPT_MAX_PROMPT_TOKENS
         if args.sharegpt
         else DraftTrainConfig().max_prompt_tokens,

@@ -1,11 +1,21 @@
-"""The optimisation loop both head trainers share: AdamW, warm-up, cosine decay fitted to a time budget.
+"""The optimisation loop both head trainers share: AdamW, warm-up, cosine decay fitted to a time budget, and
+the precision the losses run in.
 
 It knows nothing of heads or losses: it takes the parameters' module, the examples, a batching function and a
 loss function.
+
+Precision. "bf16" runs the target's feature passes and the losses under bf16 autocast (mixed precision: the
+weights, the optimiser state and the saved head stay fp32); "fp32" runs everything in fp32; "auto" picks bf16
+where the device multiplies bf16 in hardware (a CUDA GPU with bf16, a CPU with AMX or AVX512-BF16) and fp32
+elsewhere. On this repo's 2-core Xeon (AMX) bf16 makes a head's training step 4x and its feature pass 3.4x
+faster; the features differ from fp32's by about 0.8% (relative norm), well under the training noise the head
+is given. Drafting at inference is unchanged (the head runs in the target's dtype), and output never depends on
+the head.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -18,6 +28,39 @@ if TYPE_CHECKING:
     from training.train_draft import DraftTrainConfig
 
 PACE_STEPS = 10  # steps timed to fit the learning-rate schedule to a time budget
+PRECISIONS = ("auto", "fp32", "bf16")
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that multiply bf16 in hardware
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'fp32' or 'bf16' for `precision` ('auto', 'fp32' or 'bf16') on `device` (see the module docstring)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and _cpu_flags() & set(CPU_BF16_FLAGS):
+        return "bf16"
+    return "fp32"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context a training forward runs in: bf16 autocast for "bf16", nothing for "fp32"."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def fit(
@@ -30,9 +73,12 @@ def fit(
 ) -> tuple[torch.nn.Module, list[float], float]:
     """AdamW over `head`'s trainable parameters for `config.epochs` passes over `examples`, batched by
     `batches(examples, batch_size, generator)`, with warm-up and cosine decay (fitted to `time_budget_s` when
-    one is set). Returns (head in eval mode, losses, seconds)."""
+    one is set), the losses under `config.precision` (resolved: "fp32" or "bf16"). Returns (head in eval mode,
+    losses, seconds)."""
     generator = torch.Generator().manual_seed(config.seed)
     trainable = [p for p in head.parameters() if p.requires_grad]
+    device = trainable[0].device
+    precision = resolve_precision(config.precision, device)
     optimizer = torch.optim.AdamW(trainable, lr=config.learning_rate, weight_decay=0.0, betas=(0.9, 0.95))
     steps_per_epoch = math.ceil(len(examples) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -53,7 +99,8 @@ def fit(
     head.train()
     for _ in range(config.epochs):
         for batch in batches(examples, config.batch_size, generator):
-            loss = loss_of(batch)
+            with autocast(precision, device):
+                loss = loss_of(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)

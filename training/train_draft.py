@@ -19,7 +19,7 @@ Token ids in, head out; prompts come tokenized. Saving uses the official layout 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ from engine.draft_head import DraftHead, DraftHeadConfig
 from engine.generate import generate_speculative
 from engine.target import TargetModel
 from engine.types import StaticController, TreeParams
-from training.fit import fit
+from training.fit import autocast, fit, resolve_precision
 from training.train_eagle3 import eagle3_examples, train_eagle3_head
 
 
@@ -52,6 +52,7 @@ class DraftTrainConfig:
     ttt_steps: int = 5  # EAGLE-3: unrolled steps of the training-time test
     ttt_decay: float = 0.8  # EAGLE-3: loss weight of step i is ttt_decay**i
     time_budget_s: float | None = None
+    precision: str = "fp32"  # "fp32", "bf16" (mixed precision) or "auto" (`training.fit.resolve_precision`)
     eval_tree: TreeParams = TreeParams(24, 5, 4)
     eval_max_new_tokens: int = 96
     seed: int = 0
@@ -68,6 +69,7 @@ class DraftTrainReport:
     eval_mean_accepted_tokens: float
     eval_tree: str
     eval_num_prompts: int
+    precision: str = "fp32"
     losses: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -121,16 +123,18 @@ def _eos_ids(model: PreTrainedModel) -> set[int]:
 
 @torch.inference_mode()
 def sequence_features(
-    model: PreTrainedModel, sequences: list[list[int]], progress: bool = True
+    model: PreTrainedModel, sequences: list[list[int]], progress: bool = True, precision: str = "fp32"
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """One forward pass per sequence: (token_ids [T], features [T, H]) on the CPU, the target's post-norm last
-    hidden states."""
+    hidden states; with precision "bf16" computed under bf16 autocast and kept in bf16 (half the memory)."""
     target = TargetModel(model)
+    keep = torch.bfloat16 if precision == "bf16" else torch.float32
     examples = []
     for sequence in tqdm(sequences, desc="draft data: target features", disable=not progress):
         ids = torch.tensor([sequence], device=target.device)
-        features = target.backbone(input_ids=ids).last_hidden_state[0]
-        examples.append((ids[0].cpu(), features.float().cpu()))
+        with autocast(precision, target.device):
+            features = target.backbone(input_ids=ids).last_hidden_state[0]
+        examples.append((ids[0].cpu(), features.to(keep).cpu()))
     return examples
 
 
@@ -287,18 +291,19 @@ def train_draft_head(
     TargetModel(model)  # refuses unsupported targets before any work
     if not train_prompts and not sequences:
         raise ValueError("train_draft_head needs at least one training prompt or sequence")
+    config = replace(config, precision=resolve_precision(config.precision, model.device))
     started = time.perf_counter()
     if sequences is None:
         sequences = target_continuations(model, train_prompts, config, eos_token_ids, progress)
     if config.eagle3:
-        examples = eagle3_examples(model, sequences, progress)
+        examples = eagle3_examples(model, sequences, progress, config.precision)
         vocab = None
         if config.draft_vocab_size is not None:
             vocab = choose_draft_vocab(examples, config.draft_vocab_size, model.config.vocab_size)
         collect_seconds = time.perf_counter() - started
         head, losses, train_seconds = train_eagle3_head(model, examples, vocab, config, progress=progress)
     else:
-        examples = sequence_features(model, sequences, progress)
+        examples = sequence_features(model, sequences, progress, config.precision)
         collect_seconds = time.perf_counter() - started
         head, losses, train_seconds = train_head(model, examples, config, progress=progress)
     head = head.to(device=model.device, dtype=model.dtype)
@@ -317,6 +322,7 @@ def train_draft_head(
         eval_mean_accepted_tokens=tau,
         eval_tree=config.eval_tree.compact,
         eval_num_prompts=len(eval_prompts),
+        precision=config.precision,
         losses=losses,
     )
     if out_dir is not None:

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from engine.draft_head import DraftKVCache
 from engine.eagle3_head import Eagle3Head, Eagle3HeadConfig, eagle3_feature_layers
 from engine.target import TargetModel
-from training.fit import fit
+from training.fit import autocast, fit
 
 if TYPE_CHECKING:
     from training.train_draft import DraftTrainConfig
@@ -34,16 +34,19 @@ Eagle3Example = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  #
 
 @torch.inference_mode()
 def eagle3_examples(
-    model: PreTrainedModel, sequences: list[list[int]], progress: bool = True
+    model: PreTrainedModel, sequences: list[list[int]], progress: bool = True, precision: str = "fp32"
 ) -> list[Eagle3Example]:
-    """One forward per sequence: (ids [T], features [T, 3H], last hidden [T, H], target argmax [T]), on the CPU."""
+    """One forward per sequence: (ids [T], features [T, 3H], last hidden [T, H], target argmax [T]), on the CPU;
+    with precision "bf16" computed under bf16 autocast and kept in bf16 (`training.fit`)."""
     target = TargetModel(model, eagle3_feature_layers(model.config.num_hidden_layers))
+    keep = torch.bfloat16 if precision == "bf16" else torch.float32
     examples = []
     for sequence in tqdm(sequences, desc="EAGLE-3 data: target features", disable=not progress):
         ids = torch.tensor([sequence], device=target.device)
-        last, features = target.run_backbone(input_ids=ids)
-        argmax = target.lm_head(last[0]).argmax(-1)
-        examples.append((ids[0].cpu(), features[0].float().cpu(), last[0].float().cpu(), argmax.cpu()))
+        with autocast(precision, target.device):
+            last, features = target.run_backbone(input_ids=ids)
+            argmax = target.lm_head(last[0]).argmax(-1)
+        examples.append((ids[0].cpu(), features[0].to(keep).cpu(), last[0].to(keep).cpu(), argmax.cpu()))
     return examples
 
 
