@@ -34,12 +34,12 @@ run: $(STAMP)
 serve: $(STAMP)
 	$(PY) -m jobs.serve
 
-# The README's batch-1 tables: 8 held-out chat prompts, then 8 HumanEval prompts, 64 new tokens.
+# The README's batch-1 tables: 16 held-out chat prompts, then 16 HumanEval prompts, 64 new tokens.
 bench: $(STAMP)
-	$(PY) -m jobs.bench --prompts examples/chat_prompts.parquet --num-prompts 8 --max-new-tokens 64 \
-		--grid-prompts 1 --json outputs/bench_chat.json
-	$(PY) -m jobs.bench --prompts examples/code_prompts.parquet --num-prompts 8 --max-new-tokens 64 \
-		--grid-prompts 1 --json outputs/bench_code.json
+	$(PY) -m jobs.bench --prompts examples/chat_prompts.parquet --num-prompts 16 --max-new-tokens 64 \
+		--grid-prompts 2 --json outputs/bench_chat.json
+	$(PY) -m jobs.bench --prompts examples/code_prompts.parquet --num-prompts 16 --max-new-tokens 64 \
+		--grid-prompts 2 --json outputs/bench_code.json
 
 # The EAGLE-3 head, trained here (about 50 minutes on 2 cores; not committed), then both heads side by side on
 # 8 held-out chat prompts and 8 HumanEval prompts (the README's EAGLE-3 tables).
