@@ -38,8 +38,8 @@ def _cpu_flags() -> set[str]:
             for line in f:
                 if line.startswith("flags"):
                     return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    except OSError:  # no /proc/cpuinfo (not Linux): no flags known, so "auto" means fp32 on the CPU
+        return set()
     return set()
 
 
