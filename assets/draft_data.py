@@ -21,9 +21,9 @@ from engine.chat import chat_ids
 RESPONSE_SOURCES = ("target", "dataset")
 
 
-def _train_exchanges(limit: int, min_chars: int = 16, max_chars: int = 4000):
+def _train_exchanges(limit: int, skip: int = 0, min_chars: int = 16, max_chars: int = 4000):
     """(user text, assistant text) of the first exchange of train-split conversations, plain English, each user
-    text once, in file order."""
+    text once, in file order: `limit` of them after the first `skip`."""
     seen: set[str] = set()
     for conversation in iter_conversations(split="train"):
         messages = conversation.messages
@@ -35,16 +35,17 @@ def _train_exchanges(limit: int, min_chars: int = 16, max_chars: int = 4000):
         if not is_plain_english(user + answer):
             continue
         seen.add(user)
-        yield user, answer
-        if len(seen) == limit:
+        if len(seen) > skip:
+            yield user, answer
+        if len(seen) == skip + limit:
             return
 
 
-def first_turn_prompts(tokenizer, limit: int, max_prompt_tokens: int) -> list[list[int]]:
-    """Up to `limit` first user turns, templated with the generation prompt; longer ones are skipped (a prompt cut
-    at the front would lose its template header)."""
+def first_turn_prompts(tokenizer, limit: int, max_prompt_tokens: int, skip: int = 0) -> list[list[int]]:
+    """Up to `limit` first user turns after the first `skip` exchanges, templated with the generation prompt;
+    longer ones are skipped (a prompt cut at the front would lose its template header)."""
     prompts = []
-    for user, _ in _train_exchanges(limit * 2):
+    for user, _ in _train_exchanges(limit * 2, skip):
         ids = chat_ids(tokenizer, [{"role": "user", "content": user}])
         if len(ids) <= max_prompt_tokens:
             prompts.append(ids)
@@ -53,10 +54,11 @@ def first_turn_prompts(tokenizer, limit: int, max_prompt_tokens: int) -> list[li
     return prompts
 
 
-def first_exchanges(tokenizer, limit: int, max_tokens: int) -> list[list[int]]:
-    """Up to `limit` templated (user, ShareGPT answer) exchanges, each cut to its first `max_tokens` tokens."""
+def first_exchanges(tokenizer, limit: int, max_tokens: int, skip: int = 0) -> list[list[int]]:
+    """Up to `limit` templated (user, ShareGPT answer) exchanges after the first `skip`, each cut to its first
+    `max_tokens` tokens."""
     sequences = []
-    for user, answer in _train_exchanges(limit):
+    for user, answer in _train_exchanges(limit, skip):
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
         sequences.append(chat_ids(tokenizer, messages, add_generation_prompt=False)[:max_tokens])
     return sequences

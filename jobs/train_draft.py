@@ -28,6 +28,7 @@ from assets.draft_data import (
     save_sequences,
 )
 from engine.chat import chat_eos_token_ids, prompt_ids
+from engine.heads import load_draft_head
 from engine.types import TreeParams
 from jobs import HelpFormatter, program
 from jobs.prompts import read_prompt_column
@@ -51,6 +52,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--prompt-column", default="prompt", help="column of --prompts holding the prompt text"
+    )
+    parser.add_argument(
+        "--skip-exchanges",
+        type=int,
+        default=0,
+        metavar="K",
+        help="with --sharegpt: start after the first K exchanges of the train split (e.g. those an --init-head "
+        "was trained on)",
+    )
+    parser.add_argument(
+        "--init-head",
+        default=None,
+        metavar="DIR",
+        help="train further from this EAGLE-1/2 head (its draft vocabulary kept) instead of a fresh one",
     )
     parser.add_argument("--out", required=True, help="output folder for the head (official EAGLE layout)")
     parser.add_argument(
@@ -139,6 +154,14 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--ttt-steps must be >= 1, got {args.ttt_steps}")
     if args.sharegpt is not None and args.sharegpt < 1:
         parser.error(f"--sharegpt must be >= 1, got {args.sharegpt}")
+    if args.skip_exchanges < 0:
+        parser.error(f"--skip-exchanges must be >= 0, got {args.skip_exchanges}")
+    if args.skip_exchanges and not args.sharegpt:
+        parser.error("--skip-exchanges needs --sharegpt")
+    if args.init_head is not None and args.eagle3:
+        parser.error("--init-head trains an EAGLE-1/2 head further; it cannot be combined with --eagle3")
+    if args.init_head is not None and not os.path.isdir(args.init_head):
+        parser.error(f"--init-head {args.init_head!r} is not a folder")
     try:
         eval_tree = TreeParams.parse(args.eval_tree)
         eval_texts = read_prompt_column(args.eval_prompts, "prompt", args.num_eval) if args.sharegpt else None
@@ -166,6 +189,17 @@ def main(argv: list[str] | None = None) -> None:
         if args.sharegpt
         else DraftTrainConfig().max_prompt_tokens,
     )
+    init_head = None
+    if args.init_head is not None:
+        try:
+            init_head = load_draft_head(args.init_head, model, use_eagle3=False)
+        except (OSError, ValueError) as error:
+            parser.error(f"--init-head: {error}")
+        if args.draft_vocab_size is not None and args.draft_vocab_size != init_head.num_proposal_tokens:
+            parser.error(
+                f"--draft-vocab-size {args.draft_vocab_size} contradicts --init-head, which drafts over "
+                f"{init_head.num_proposal_tokens} tokens (leave it out to keep the head's)"
+            )
     eos_ids = chat_eos_token_ids(model, tokenizer)
     sequences = None
     if args.sharegpt:
@@ -176,13 +210,23 @@ def main(argv: list[str] | None = None) -> None:
         ids = [tokenizer(text).input_ids for text in texts]
         train_ids, eval_ids = ids[: len(ids) - num_eval], ids[len(ids) - num_eval :]
     _, report = train_draft_head(
-        model, train_ids, eval_ids, args.out, config, sequences=sequences, eos_token_ids=eos_ids
+        model,
+        train_ids,
+        eval_ids,
+        args.out,
+        config,
+        sequences=sequences,
+        eos_token_ids=eos_ids,
+        init_head=init_head,
     )
     summary = {k: v for k, v in report.to_dict().items() if k != "losses"}
     summary["responses"] = args.responses if args.sharegpt else "target"
     summary["kind"] = "eagle3" if args.eagle3 else "eagle"
     with open(os.path.join(args.out, "training_report.json"), "w") as f:
-        json.dump({**report.to_dict(), **summary, "command": argv_text(argv)}, f, indent=2)
+        record = {**report.to_dict(), **summary, "command": argv_text(argv)}
+        if args.init_head is not None:
+            record["earlier_commands"] = _commands_behind(args.init_head)
+        json.dump(record, f, indent=2)
     print(json.dumps(summary, indent=2))
 
 
@@ -190,6 +234,7 @@ def _sharegpt_sequences(args, tokenizer, model, config: DraftTrainConfig, eos_id
     meta = {
         "target": os.path.abspath(args.target),
         "sharegpt": args.sharegpt,
+        "skip_exchanges": args.skip_exchanges,
         "responses": args.responses,
         "max_tokens": args.max_tokens if args.responses == "dataset" else None,
         "max_new_tokens": config.max_new_tokens if args.responses == "target" else None,
@@ -199,13 +244,24 @@ def _sharegpt_sequences(args, tokenizer, model, config: DraftTrainConfig, eos_id
         print(f"jobs.train_draft: {len(cached)} training sequences from {args.data_cache}")
         return cached
     if args.responses == "dataset":
-        sequences = first_exchanges(tokenizer, args.sharegpt, args.max_tokens)
+        sequences = first_exchanges(tokenizer, args.sharegpt, args.max_tokens, args.skip_exchanges)
     else:
-        prompts = first_turn_prompts(tokenizer, args.sharegpt, config.max_prompt_tokens)
+        prompts = first_turn_prompts(tokenizer, args.sharegpt, config.max_prompt_tokens, args.skip_exchanges)
         sequences = target_continuations(model, prompts, config, eos_ids)
     if args.data_cache:
         save_sequences(sequences, args.data_cache, meta)
     return sequences
+
+
+def _commands_behind(head_dir: str) -> list[str]:
+    """The commands that trained the head in `head_dir`, first to last, from its training report (none when it
+    has no report), so a head trained further still names every command behind it."""
+    path = os.path.join(head_dir, "training_report.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        report = json.load(f)
+    return [*report.get("earlier_commands", []), *([report["command"]] if "command" in report else [])]
 
 
 def argv_text(argv: list[str] | None) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -112,6 +113,60 @@ def test_the_head_training_command_works_at_a_tiny_budget(real_models, tmp_path,
     assert {"config.json", "model.safetensors", "draft_vocab.safetensors"} <= set(os.listdir(out))
     cached = json.loads((tmp_path / "data.json").read_text())
     assert len(cached["sequences"]) == 3
+
+
+def test_the_head_training_command_trains_the_committed_head_further(real_models, tmp_path):
+    committed = model_paths(COMMITTED_ROOT)["draft"]
+    out = tmp_path / "further"
+    train_draft.main(
+        [
+            "--target",
+            real_models["target"],
+            "--sharegpt",
+            "2",
+            "--skip-exchanges",
+            "3",
+            "--init-head",
+            committed,
+            "--responses",
+            "dataset",
+            "--max-tokens",
+            "48",
+            "--epochs",
+            "1",
+            "--num-eval",
+            "1",
+            "--eval-tree",
+            "6/3/2",
+            "--out",
+            str(out),
+        ]
+    )
+    report = json.loads((out / "training_report.json").read_text())
+    assert report["num_train_sequences"] == 2 and "--init-head" in report["command"]
+    committed_report = json.loads((Path(committed) / "training_report.json").read_text())
+    assert report["earlier_commands"] == [
+        *committed_report.get("earlier_commands", []),
+        committed_report["command"],
+    ]
+    assert (out / "draft_vocab.safetensors").read_bytes() == (
+        Path(committed) / "draft_vocab.safetensors"
+    ).read_bytes()
+    assert report["losses"][0] < 1.0  # a fresh head starts near 2 on this data
+    with pytest.raises(SystemExit):
+        train_draft.main(
+            [
+                "--target",
+                real_models["target"],
+                "--sharegpt",
+                "1",
+                "--eagle3",
+                "--init-head",
+                committed,
+                "--out",
+                str(tmp_path / "x"),
+            ]
+        )
 
 
 @pytest.mark.gpu

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from training.train_draft import DraftTrainConfig
 
 PACE_STEPS = 10  # steps timed to fit the learning-rate schedule to a time budget
+REPLAN_EVERY = 100  # steps between refits of that schedule (a shared machine's pace drifts)
 PRECISIONS = ("auto", "fp32", "bf16")
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # /proc/cpuinfo flags of CPUs that multiply bf16 in hardware
 
@@ -107,9 +108,11 @@ def fit(
             optimizer.step()
             scheduler.step()
             losses.append(loss.item())
-            if config.time_budget_s is not None and len(losses) == PACE_STEPS:
-                pace = (time.perf_counter() - started) / PACE_STEPS
-                planned["steps"] = min(total_steps, max(PACE_STEPS + 1, int(config.time_budget_s / pace)))
+            if config.time_budget_s is not None and (
+                len(losses) == PACE_STEPS or len(losses) % REPLAN_EVERY == 0
+            ):
+                pace = (time.perf_counter() - started) / len(losses)
+                planned["steps"] = min(total_steps, max(len(losses) + 1, int(config.time_budget_s / pace)))
                 bar.total = planned["steps"]
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.3f}")

@@ -213,17 +213,19 @@ def train_head(
     config: DraftTrainConfig,
     head_config: DraftHeadConfig | None = None,
     progress: bool = True,
+    init: DraftHead | None = None,
 ) -> tuple[DraftHead, list[float], float]:
-    """Fit a fresh head. Embeddings and lm_head are the target's, frozen. Returns (head, losses, seconds)."""
+    """Fit a head: a fresh one, or with `init` a copy of that head trained further (its draft vocabulary kept).
+    Embeddings and lm_head are the target's, frozen. Returns (head, losses, seconds)."""
     torch.manual_seed(config.seed)
-    head = DraftHead(head_config or DraftHeadConfig.for_target(model.config))
+    head = _initial_head(model, config, head_config, init)
     head.embed_tokens.weight.data.copy_(model.get_input_embeddings().weight.detach().float().cpu())
     head.embed_tokens.weight.requires_grad_(False)
     lm_head = _frozen_copy(model.get_output_embeddings())
-    if config.draft_vocab_size is not None:
-        vocab = choose_draft_vocab(examples, config.draft_vocab_size, head.config.vocab_size)
-        head.set_draft_vocab(vocab)
-        lm_head = _rows(lm_head, vocab)
+    if init is None and config.draft_vocab_size is not None:
+        head.set_draft_vocab(choose_draft_vocab(examples, config.draft_vocab_size, head.config.vocab_size))
+    if head.draft_vocab is not None:
+        lm_head = _rows(lm_head, head.draft_vocab)
     return fit(
         head,
         examples,
@@ -232,6 +234,32 @@ def train_head(
         _batches,
         progress,
     )
+
+
+def _initial_head(
+    model: PreTrainedModel,
+    config: DraftTrainConfig,
+    head_config: DraftHeadConfig | None,
+    init: DraftHead | None,
+) -> DraftHead:
+    if init is None:
+        return DraftHead(head_config or DraftHeadConfig.for_target(model.config))
+    if not isinstance(init, DraftHead) or init.config.vocab_size != model.config.vocab_size:
+        raise ValueError("the head to train further must be an EAGLE-1/2 head over the target's vocabulary")
+    if init.config.hidden_size != model.config.hidden_size:
+        raise ValueError(
+            f"the head to train further has hidden size {init.config.hidden_size}, the target "
+            f"{model.config.hidden_size}"
+        )
+    if config.draft_vocab_size is not None and config.draft_vocab_size != init.num_proposal_tokens:
+        raise ValueError(
+            f"draft_vocab_size {config.draft_vocab_size} contradicts the head to train further, which drafts over "
+            f"{init.num_proposal_tokens} tokens (leave it unset to keep the head's)"
+        )
+    head = DraftHead(init.config)
+    head.load_state_dict({k: v.detach().float().cpu() for k, v in init.state_dict().items()})
+    head.set_draft_vocab(init.draft_vocab)
+    return head
 
 
 def _rows(module: torch.nn.Linear, token_ids: torch.Tensor) -> torch.nn.Linear:
@@ -283,14 +311,20 @@ def train_draft_head(
     progress: bool = True,
     sequences: list[list[int]] | None = None,
     eos_token_ids: tuple[int, ...] = (),
+    init_head: DraftHead | None = None,
 ) -> tuple[DraftHead, DraftTrainReport]:
     """collect -> train -> evaluate -> save (official layout) for any target the engine supports.
 
     The head learns from `train_prompts` continued by the target, or from ready `sequences` (token ids, e.g.
-    prompt plus a dataset's answer) when those are given."""
+    prompt plus a dataset's answer) when those are given. With `init_head` (EAGLE-1/2 only) training goes on from
+    that head instead of a fresh one."""
     TargetModel(model)  # refuses unsupported targets before any work
     if not train_prompts and not sequences:
         raise ValueError("train_draft_head needs at least one training prompt or sequence")
+    if init_head is not None and config.eagle3:
+        raise ValueError("training further from an existing head is for EAGLE-1/2 heads only, not eagle3")
+    if init_head is not None:
+        _initial_head(model, config, None, init_head)  # refuses a mismatched head before any work
     config = replace(config, precision=resolve_precision(config.precision, model.device))
     started = time.perf_counter()
     if sequences is None:
@@ -305,7 +339,7 @@ def train_draft_head(
     else:
         examples = sequence_features(model, sequences, progress, config.precision)
         collect_seconds = time.perf_counter() - started
-        head, losses, train_seconds = train_head(model, examples, config, progress=progress)
+        head, losses, train_seconds = train_head(model, examples, config, progress=progress, init=init_head)
     head = head.to(device=model.device, dtype=model.dtype)
     tau = (
         evaluate_head(model, head, eval_prompts, config, progress, eos_token_ids)
