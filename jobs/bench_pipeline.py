@@ -9,8 +9,9 @@ Throughput methods (greedy, same prompts, each timed from loading its models to 
                --shared-cache);
   pipeline_2   the same with 2 actors;
   hf_batched   HF `generate` on left-padded batches of --hf-batch-size, the baseline a user would otherwise pick.
-Ratios are tokens/s over the direct loop's, each the median over --repeats passes; every other pass runs the
-methods in reverse order. Pipeline outputs are also checked against the direct loop's text.
+--methods picks some of them (default: all four). Ratios are tokens/s over the first method's (the direct loop by
+default), and over hf_batched's when it ran, each the median over --repeats passes; every other pass runs the
+methods in reverse order. Every method's outputs are checked against the first method's text.
 
 Cache workload: --cache-prompts distinct prompts, each sent as itself, an exact repeat and two paraphrases
 (an edited line, changed whitespace), shuffled; run with 2 actors with the shared cache on and off. It reports
@@ -45,6 +46,8 @@ from jobs.results import write_json
 from pipeline.build import run_generate
 from pipeline.resources import plan_actor_resources
 from pipeline.rows import validate_rows
+
+METHODS = ("direct", "pipeline_1", "pipeline_2", "hf_batched")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -87,8 +90,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help=f"policy folder, static or heuristic (default: {DEFAULT_ROOT}/policy)",
     )
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help="comma list of the throughput methods to run, the first being the reference for ratios and identity",
+    )
     parser.add_argument("--json", default=None, help="write the results here as JSON")
     args = parser.parse_args(argv)
+    args.methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    unknown = sorted(set(args.methods) - set(METHODS))
+    if unknown or not args.methods or len(set(args.methods)) != len(args.methods):
+        parser.error(
+            f"--methods must name each of {', '.join(METHODS)} at most once, got {','.join(args.methods)!r}"
+        )
     for name in ("num_prompts", "max_new_tokens", "batch_size", "hf_batch_size", "cache_prompts", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -228,7 +242,7 @@ def median_record(runs: list[dict], reference: list[str] | None) -> dict:
     }
     if reference is not None:
         texts = runs[0]["texts"]
-        record["identical_to_direct"] = sum(a == b for a, b in zip(texts, reference, strict=True)) / len(
+        record["identical_to_reference"] = sum(a == b for a, b in zip(texts, reference, strict=True)) / len(
             texts
         )
     return record
@@ -302,20 +316,22 @@ def main(argv: list[str] | None = None) -> dict:
             lambda repeat: run_hf_batched(args.model, prompts, args.max_new_tokens, args.hf_batch_size),
         ),
     }
-    runs: dict[str, list[dict]] = {name: [] for name in runners}
+    runs: dict[str, list[dict]] = {name: [] for name in args.methods}
     for repeat in range(args.repeats):
-        for name in pass_order(list(runners), repeat):
+        for name in pass_order(args.methods, repeat):
             label, run = runners[name]
             print(f"pass {repeat + 1}/{args.repeats}: {label}")
             runs[name].append(run(repeat))
-    reference = runs["direct"][0]["texts"]
-    methods = {name: median_record(name_runs, reference) for name, name_runs in runs.items()}
-    direct_rate = methods["direct"]["tokens_per_s"]
-    direct_steady = methods["direct"]["steady_tokens_per_s"]
+    first = args.methods[0]
+    methods = {name: median_record(name_runs, runs[first][0]["texts"]) for name, name_runs in runs.items()}
+    first_rate = methods[first]["tokens_per_s"]
+    first_steady = methods[first]["steady_tokens_per_s"]
     for record in methods.values():
-        record["ratio_to_direct"] = record["tokens_per_s"] / direct_rate
-        if record["steady_tokens_per_s"] is not None:
-            record["steady_ratio_to_direct"] = record["steady_tokens_per_s"] / direct_steady
+        record["ratio_to_reference"] = record["tokens_per_s"] / first_rate
+        if record["steady_tokens_per_s"] is not None and first_steady:
+            record["steady_ratio_to_reference"] = record["steady_tokens_per_s"] / first_steady
+        if "hf_batched" in methods:
+            record["ratio_to_hf_batched"] = record["tokens_per_s"] / methods["hf_batched"]["tokens_per_s"]
     results: dict = {
         "config": {
             "prompts": args.prompts,
@@ -324,18 +340,22 @@ def main(argv: list[str] | None = None) -> dict:
             "batch_size": args.batch_size,
             "hf_batch_size": args.hf_batch_size,
             "repeats": args.repeats,
-            "direct_threads": runs["direct"][0]["threads"],
+            "reference": first,
+            "threads": torch.get_num_threads(),
             "policy": config.policy_kind,
         },
         "methods": methods,
-        "pipeline_1_generation_tokens_per_s": runs["pipeline_1"][0]["summary"][
-            "tokens_per_generation_second"
-        ],
-        "pipeline_1_startup_seconds": statistics.median(
-            run["summary"]["startup_seconds"] for run in runs["pipeline_1"]
-        ),
-        "pipeline_1_startup_seconds_runs": [run["summary"]["startup_seconds"] for run in runs["pipeline_1"]],
     }
+    if "pipeline_1" in runs:
+        results["pipeline_1_generation_tokens_per_s"] = runs["pipeline_1"][0]["summary"][
+            "tokens_per_generation_second"
+        ]
+        results["pipeline_1_startup_seconds"] = statistics.median(
+            run["summary"]["startup_seconds"] for run in runs["pipeline_1"]
+        )
+        results["pipeline_1_startup_seconds_runs"] = [
+            run["summary"]["startup_seconds"] for run in runs["pipeline_1"]
+        ]
     if not args.skip_cache_workload:
         distinct = read_prompt_column(args.prompts, "prompt", args.cache_prompts)
         workload = cache_workload(distinct)
@@ -364,23 +384,28 @@ def format_results(results: dict) -> str:
     config = results["config"]
     lines = [
         f"pipeline bench: {config['num_prompts']} prompts x {config['max_new_tokens']} new tokens, greedy, policy "
-        f"{config['policy']}, median of {config['repeats']} pass(es)",
+        f"{config['policy']}, median of {config['repeats']} pass(es); ratios and identity against "
+        f"{config['reference']}",
         "end to end: from loading the models to the last token; after start-up: from the first batch",
-        f"{'method':<12} {'tokens/s':>9} {'vs direct':>10} {'after start-up':>15} {'vs direct':>10} {'identical':>10}",
+        f"{'method':<12} {'tokens/s':>9} {'vs ref':>8} {'vs HF':>7} {'after start-up':>15} {'vs ref':>8} "
+        f"{'identical':>10}",
     ]
     for name, record in results["methods"].items():
         steady = record["steady_tokens_per_s"]
-        steady_text = (
-            f"{steady:>15.1f} {record['steady_ratio_to_direct']:>9.2f}x" if steady else f"{'-':>15} {'-':>10}"
-        )
+        steady_ratio = record.get("steady_ratio_to_reference")
+        steady_text = f"{steady:>15.1f} " if steady else f"{'-':>15} "
+        steady_text += f"{steady_ratio:>7.2f}x" if steady_ratio else f"{'-':>8}"
+        hf_ratio = record.get("ratio_to_hf_batched")
+        hf_text = f"{hf_ratio:>6.2f}x" if hf_ratio else f"{'-':>7}"
         lines.append(
-            f"{name:<12} {record['tokens_per_s']:>9.1f} {record['ratio_to_direct']:>9.2f}x {steady_text} "
-            f"{record['identical_to_direct']:>9.0%}"
+            f"{name:<12} {record['tokens_per_s']:>9.1f} {record['ratio_to_reference']:>7.2f}x {hf_text} "
+            f"{steady_text} {record['identical_to_reference']:>9.0%}"
         )
-    lines.append(
-        f"pipeline_1 start-up (to its first batch): median {results['pipeline_1_startup_seconds']:.1f} s, runs "
-        + ", ".join(f"{seconds:.1f}" for seconds in results["pipeline_1_startup_seconds_runs"])
-    )
+    if "pipeline_1_startup_seconds" in results:
+        lines.append(
+            f"pipeline_1 start-up (to its first batch): median {results['pipeline_1_startup_seconds']:.1f} s, "
+            "runs " + ", ".join(f"{seconds:.1f}" for seconds in results["pipeline_1_startup_seconds_runs"])
+        )
     cache = results.get("cache_workload")
     if cache:
         lines.append(

@@ -1,7 +1,10 @@
 """Benchmarks interleave what they compare: the static-tree grid search times every tree on each prompt before
-the next, in a rotating order; the pipeline bench reverses its methods' order on every other pass."""
+the next, in a rotating order; the pipeline bench reverses its methods' order on every other pass and runs the
+methods named."""
 
 from __future__ import annotations
+
+import pytest
 
 from bench import benchmark
 from engine.types import TreeParams
@@ -32,3 +35,14 @@ def test_the_pipeline_bench_reverses_its_order_on_every_other_pass():
     names = ["direct", "pipeline_1", "pipeline_2", "hf_batched"]
     assert pass_order(names, 0) == names and pass_order(names, 2) == names
     assert pass_order(names, 1) == ["hf_batched", "pipeline_2", "pipeline_1", "direct"]
+
+
+def test_the_pipeline_bench_runs_the_methods_named_and_refuses_unknown_ones(capsys):
+    from jobs.bench_pipeline import METHODS, parse_args
+
+    assert parse_args([]).methods == list(METHODS)
+    assert parse_args(["--methods", "pipeline_1, hf_batched"]).methods == ["pipeline_1", "hf_batched"]
+    for wrong in ("pipeline_3", "direct,direct", ","):
+        with pytest.raises(SystemExit):
+            parse_args(["--methods", wrong])
+        assert "--methods must name each of direct, pipeline_1" in capsys.readouterr().err
