@@ -12,6 +12,7 @@ import os
 
 from engine.draft_head import DraftHead
 from engine.load_timing import measure_batch_latency
+from engine.packed_linear import PackedLinear
 from engine.target import TargetModel
 from policy.latency import latency_signature
 from policy.load_planner import LoadLatencyTable, LoadPlanner
@@ -40,6 +41,7 @@ def load_latency_table(target: TargetModel, head: DraftHead, max_rows: int, log=
         "draft_kind": head.kind,
         "draft_vocab": head.num_proposal_tokens,
         "rows": list(rows),
+        "packed_linears": any(isinstance(m, PackedLinear) and m.use_packed for m in target.model.modules()),
     }
     name = f"{signature['model']}-{signature['device']}-{signature['num_threads']}t-{max_rows}rows.json"
     path = os.path.join(cache_dir(), name)

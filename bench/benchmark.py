@@ -11,6 +11,7 @@ that finds the best static TreeParams on a calibration slice of the same prompts
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from transformers import PreTrainedModel
 
 from engine.draft_head import DraftHead
 from engine.generate import generate_speculative
+from engine.packed_linear import stock_linears
 from engine.target import TargetModel
 from engine.types import Controller, StaticController, TreeParams
 
@@ -62,10 +64,15 @@ class MethodResult:
 
 
 def hf_method(
-    model: PreTrainedModel, name: str = "hf_greedy", eos_token_ids: Sequence[int] = (), **generate_kwargs
+    model: PreTrainedModel,
+    name: str = "hf_greedy",
+    eos_token_ids: Sequence[int] = (),
+    packed: bool = False,
+    **generate_kwargs,
 ) -> BenchMethod:
     """HF `generate`, greedy, one prompt at a time, stopping at `eos_token_ids` (default: the generation
-    config's); extra kwargs such as prompt_lookup_num_tokens=10."""
+    config's); extra kwargs such as prompt_lookup_num_tokens=10. packed: on the prepacked linear layers the
+    engine gave the model (`engine.packed_linear`); by default the stock kernels, as HF alone runs them."""
     if eos_token_ids:
         generate_kwargs["eos_token_id"] = list(eos_token_ids)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
@@ -73,14 +80,15 @@ def hf_method(
     @torch.inference_mode()
     def run(prompt_ids: list[int], max_new_tokens: int) -> RunRecord:
         ids = torch.tensor([prompt_ids], device=model.device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad_id,
-            **generate_kwargs,
-        )
+        with contextlib.nullcontext() if packed else stock_linears(model):
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=pad_id,
+                **generate_kwargs,
+            )
         return RunRecord(out[0, len(prompt_ids) :].tolist())
 
     return BenchMethod(name=name, run=run)

@@ -25,6 +25,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from engine.packed_linear import PackedWeight
+
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 BIN_NAME = "pytorch_model.bin"
@@ -241,6 +243,7 @@ class DraftProjection:
         norm: nn.Module | None = None,
     ) -> None:
         self.weight, self.bias, self.norm = weight, bias, norm  # weight [V', H]
+        self.packing = PackedWeight(weight)  # oneDNN on a CPU: a few rows of hidden states at a time
         self.token_ids = None if token_ids is None else token_ids.to(weight.device)  # [V']
 
     @classmethod
@@ -256,7 +259,7 @@ class DraftProjection:
         """hidden [..., H] -> log-probabilities [..., V'] over the draft vocabulary."""
         if self.norm is not None:
             hidden = self.norm(hidden)
-        return torch.log_softmax(F.linear(hidden, self.weight, self.bias).float(), dim=-1)
+        return torch.log_softmax(self.packing.linear(hidden, self.bias).float(), dim=-1)
 
     def to_target_ids(self, indices: torch.Tensor) -> torch.Tensor:
         return indices if self.token_ids is None else self.token_ids[indices]

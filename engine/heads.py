@@ -13,6 +13,7 @@ from transformers import PreTrainedModel
 
 from engine.draft_head import SAFETENSORS_NAME, DraftHead, load_state_dict, read_head_config
 from engine.eagle3_head import Eagle3Head, eagle3_feature_layers, is_eagle3_checkpoint
+from engine.packed_linear import pack_linears
 
 AnyDraftHead = DraftHead | Eagle3Head
 
@@ -33,7 +34,8 @@ def checkpoint_is_eagle3(path: str) -> bool:
 def load_draft_head(path: str, model: PreTrainedModel, use_eagle3: bool | None = None) -> AnyDraftHead:
     """The head in `path` for target `model`, on the model's device and dtype.
 
-    use_eagle3: None detects the kind; True or False must agree with the checkpoint (ValueError naming both)."""
+    use_eagle3: None detects the kind; True or False must agree with the checkpoint (ValueError naming both).
+    On a CPU its linear layers compute on prepacked weights (`engine.packed_linear`; repacked if it is trained)."""
     eagle3 = checkpoint_is_eagle3(path)
     if use_eagle3 is not None and bool(use_eagle3) != eagle3:
         found = "an EAGLE-3 head" if eagle3 else "an EAGLE-1/2 head"
@@ -55,4 +57,6 @@ def load_draft_head(path: str, model: PreTrainedModel, use_eagle3: bool | None =
     for name, got, want in checks:
         if got != want:
             raise ValueError(f"draft head {path!r}: {name} {got} does not match the target's {want}")
-    return head.to(device=model.device, dtype=model.dtype).eval()
+    head = head.to(device=model.device, dtype=model.dtype).eval()
+    pack_linears(head)
+    return head

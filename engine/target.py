@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from engine.packed_linear import pack_linears
+
 # Architectures whose attention takes a custom 4D additive mask plus explicit position_ids and whose
 # tree-node logits are tested to match linear decoding (tests/test_engine_identity.py).
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
@@ -57,7 +59,10 @@ class TargetModel:
     """Holds a stock HF causal LM and its KV cache for one generation.
 
     feature_layers: which hidden states make the draft head's features: None, the last (post-norm) one (EAGLE-1/2);
-    else these `output_hidden_states` indices, concatenated (EAGLE-3 reads three)."""
+    else these `output_hidden_states` indices, concatenated (EAGLE-3 reads three).
+    On a CPU the model's linear layers are switched to prepacked oneDNN weights, in place
+    (`engine.packed_linear`: the same products, several times faster for a few rows), so anything else that runs
+    this model object (HF `generate` included) runs them too; `stock_linears(model)` undoes it within a block."""
 
     def __init__(self, model: PreTrainedModel, feature_layers: tuple[int, ...] | None = None) -> None:
         check_supported(model)
@@ -67,6 +72,7 @@ class TargetModel:
                 f"feature layers {feature_layers} are outside the target's hidden states 0..{num_layers}"
             )
         self.feature_layers = None if feature_layers is None else tuple(feature_layers)
+        pack_linears(model)
         self.model = model
         self.backbone = model.base_model
         self.lm_head = model.get_output_embeddings()

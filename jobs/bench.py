@@ -6,7 +6,9 @@ Defaults: SmolLM2-135M-Instruct with its committed head and policy (models/smoll
 first use), held-out ShareGPT chat prompts, each a user message through the chat template; every method stops
 at the template's end-of-turn token.
 
-Methods: hf_greedy (HF generate, the baseline), hf_prompt_lookup (HF prompt-lookup decoding), eagle_defaults
+Methods: hf_greedy (HF generate, the baseline), hf_greedy_packed (HF generate on the prepacked oneDNN linear
+layers eagleray decodes with on a CPU, `engine.packed_linear`: what the kernels alone gain, so that the rest is
+what speculation gains), hf_prompt_lookup (HF prompt-lookup decoding), eagle_defaults
 (the official 60/5/10 tree), eagle_best_static (the best TreeParams of a small grid, searched on the first
 --grid-prompts prompts of the same set), and with a policy (--policy, default models/smollm2/policy): heuristic (moving
 average with hysteresis), learned (the trained policy behind its caches and adaptive decision interval) and
@@ -223,6 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     methods = [
         hf_method(model, "hf_greedy", eos),
+        hf_method(model, "hf_greedy_packed", eos, packed=True),
         hf_method(model, "hf_prompt_lookup", eos, prompt_lookup_num_tokens=10),
     ]
     optimizer = None

@@ -30,6 +30,7 @@ from actors.planning import load_latency_table
 from engine.batch import GenerationRequest, PlainController, generate_batch
 from engine.chat import chat_eos_token_ids, has_chat_template, prompt_ids
 from engine.heads import load_draft_head
+from engine.packed_linear import stock_linears
 from engine.target import TargetModel
 from engine.types import StaticController, TreeParams
 from jobs import HelpFormatter, program
@@ -95,14 +96,15 @@ def run_hf(model, prompts: list[list[int]], batch_size: int, max_new_tokens: int
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in chunk], device=model.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk], device=model.device)
-        generated = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            do_sample=False,
-            max_new_tokens=max_new_tokens,
-            eos_token_id=list(eos) or None,
-            pad_token_id=pad_id,
-        )[:, width:]
+        with stock_linears(model):  # HF as it runs alone, not on the engine's prepacked linears
+            generated = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=list(eos) or None,
+                pad_token_id=pad_id,
+            )[:, width:]
         slots += generated.numel() + int((mask == 0).sum())
         outputs.extend(cut_at_eos(row.tolist(), eos)[:max_new_tokens] for row in generated)
     seconds = time.perf_counter() - started
