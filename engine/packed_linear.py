@@ -24,6 +24,7 @@ It changes no model code and no weight; it does not apply on GPUs (their kernels
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -38,6 +39,7 @@ BATCH_HINT = 8  # rows oneDNN tunes the packed layout for; any number of rows wo
 MEMORY_SHARE = 0.5  # pack only when the copies take at most this share of the memory now free
 
 
+@functools.cache  # read on every call of every layer: ask oneDNN once
 def _supported_dtypes() -> tuple[torch.dtype, ...]:
     if not torch.backends.mkldnn.is_available():
         return ()
