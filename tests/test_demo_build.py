@@ -91,6 +91,7 @@ def test_bench_quick_runs_on_tiny_demo(tiny_demo, tmp_path):
     saved = json.loads(out.read_text())
     assert set(saved["methods"]) == {
         "hf_greedy",
+        "hf_greedy_packed",
         "hf_prompt_lookup",
         "eagle_defaults",
         "eagle_best_static",
