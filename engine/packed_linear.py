@@ -64,6 +64,7 @@ class PackedWeight:
             and x.dtype == weight.dtype
             and weight.dtype in _supported_dtypes()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and os.environ.get(ENV, "1") != "0"  # also off for weights used outside a PackedLinear
         )
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
