@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from engine.kv_buffer import append_in_place
 from engine.packed_linear import PackedWeight
 
 CONFIG_NAME = "config.json"
@@ -134,17 +135,17 @@ class DraftKVCache:
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None
         self.values: torch.Tensor | None = None
+        self.buffers: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
 
     @property
     def length(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.keys is None:
-            self.keys, self.values = keys, values
-        else:
-            self.keys = torch.cat([self.keys, keys], dim=2)
-            self.values = torch.cat([self.values, values], dim=2)
+        """Append in place (`engine.kv_buffer`): no copy of the cached entries."""
+        self.keys, key_buffer = append_in_place(self.keys, self.buffers[0], keys)
+        self.values, value_buffer = append_in_place(self.values, self.buffers[1], values)
+        self.buffers = (key_buffer, value_buffer)
         return self.keys, self.values
 
     def crop(self, length: int) -> None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from engine.kv_buffer import buffered_cache
 from engine.packed_linear import pack_linears
 
 # Architectures whose attention takes a custom 4D additive mask plus explicit position_ids and whose
@@ -112,7 +113,7 @@ class TargetModel:
         return int(getattr(self.config, "max_position_embeddings", 2048))
 
     def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+        return buffered_cache(self.config)
 
     @torch.inference_mode()
     def prefill(self, input_ids: torch.Tensor, cache: DynamicCache) -> TargetOutput:
