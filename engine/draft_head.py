@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from engine.gqa_attention import can_pack, packed_attention
 from engine.kv_buffer import append_in_place
 from engine.packed_linear import PackedWeight
 
@@ -194,13 +195,16 @@ class DraftAttention(nn.Module):
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.append(k, v)
-        if self.num_kv_heads != self.num_heads:
-            repeat = self.num_heads // self.num_kv_heads
-            k = k.repeat_interleave(repeat, dim=1)
-            v = v.repeat_interleave(repeat, dim=1)
         # attention_mask: additive [B, 1, T, kv_len]; None means plain causal over a cache-free call.
-        is_causal = attention_mask is None and length > 1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=is_causal)
+        if can_pack(q, k, attention_mask):
+            out = packed_attention(q, k, v, attention_mask)
+        else:
+            if self.num_kv_heads != self.num_heads:
+                repeat = self.num_heads // self.num_kv_heads
+                k = k.repeat_interleave(repeat, dim=1)
+                v = v.repeat_interleave(repeat, dim=1)
+            is_causal = attention_mask is None and length > 1
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=is_causal)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 

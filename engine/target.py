@@ -12,13 +12,14 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from engine.gqa_attention import TREE_ATTENTION, register_tree_attention
 from engine.kv_buffer import buffered_cache
 from engine.packed_linear import pack_linears
 
 # Architectures whose attention takes a custom 4D additive mask plus explicit position_ids and whose
 # tree-node logits are tested to match linear decoding (tests/test_engine_identity.py).
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
-MASKABLE_ATTENTION = ("sdpa", "eager")
+MASKABLE_ATTENTION = ("sdpa", "eager", TREE_ATTENTION)
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,9 @@ class TargetModel:
     else these `output_hidden_states` indices, concatenated (EAGLE-3 reads three).
     On a CPU the model's linear layers are switched to prepacked oneDNN weights, in place
     (`engine.packed_linear`: the same products, several times faster for a few rows), so anything else that runs
-    this model object (HF `generate` included) runs them too; `stock_linears(model)` undoes it within a block."""
+    this model object (HF `generate` included) runs them too; `stock_linears(model)` undoes it within a block.
+    An `sdpa` model is switched to `engine.gqa_attention`'s function, which differs from `sdpa` only for several
+    queries under a float 4D mask (the engine's trees; HF `generate` never passes one)."""
 
     def __init__(self, model: PreTrainedModel, feature_layers: tuple[int, ...] | None = None) -> None:
         check_supported(model)
@@ -74,6 +77,8 @@ class TargetModel:
             )
         self.feature_layers = None if feature_layers is None else tuple(feature_layers)
         pack_linears(model)
+        if model.config._attn_implementation == "sdpa":  # the same function, without repeat_kv for trees
+            model.set_attn_implementation(register_tree_attention())
         self.model = model
         self.backbone = model.base_model
         self.lm_head = model.get_output_embeddings()
