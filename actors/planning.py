@@ -42,6 +42,8 @@ def load_latency_table(target: TargetModel, head: DraftHead, max_rows: int, log=
         "draft_vocab": head.num_proposal_tokens,
         "rows": list(rows),
         "packed_linears": any(isinstance(m, PackedLinear) and m.use_packed for m in target.model.modules()),
+        "attention": target.config._attn_implementation,  # packed tree attention changed every verify cost
+        "kv_append": "in-place",  # engine.kv_buffer: appends no longer copy the cache
     }
     name = f"{signature['model']}-{signature['device']}-{signature['num_threads']}t-{max_rows}rows.json"
     path = os.path.join(cache_dir(), name)
