@@ -51,6 +51,10 @@ def aggregate_actor_stats(per_actor: dict[str, ActorStats]) -> dict:
             "num_threads": stats.num_threads,
             "device": stats.device,
             "node_id": stats.node_id,
+            # This actor's use of the cluster-wide decision cache: look-ups it sent there, trees it published.
+            "shared_lookups": stats.decisions.shared_lookups if stats.decisions is not None else 0,
+            "decisions_published": stats.decisions.published if stats.decisions is not None else 0,
+            "cross_actor_hits": stats.decisions.cross_actor_hits if stats.decisions is not None else 0,
         }
         for reporter, stats in sorted(per_actor.items())
     }

@@ -69,17 +69,20 @@ def test_two_nodes_generate_and_share_the_cache(two_node_cluster, tiny_demo, tmp
     per_actor = summary["per_actor"]
     assert len(per_actor) == 2 and all(actor["rows"] > 0 for actor in per_actor.values())
     assert len({actor["node_id"] for actor in per_actor.values()}) == 2
-    # They shared: either an actor reused an entry the other published, or both published into the shared
-    # store (whichever the scheduling gave; both are reads and writes of one cluster-wide cache).
+    # They shared one cluster-wide store: each actor looked up in it, and either published into it or reused
+    # what the other published; every distinct prompt is answered there. (Which of the two depends on the
+    # scheduling: both actors may miss a prompt at once and both publish it, and then neither reuses the other's.)
+    assert all(
+        actor["shared_lookups"] > 0 and actor["decisions_published"] + actor["cross_actor_hits"] > 0
+        for actor in per_actor.values()
+    )
     embeddings = load_minilm_batch_encoder()(
         [prompt[-PROMPT_EMBEDDING_CHARS:] for prompt in distinct]
     )  # as the actors embed
     hits = ray.get(cache.lookup_batch.remote(embeddings))
-    publishers = {hit["value"]["actor"] for hit in hits if hit is not None}
     assert all(hit is not None for hit in hits)
-    assert summary["prompt_decisions"]["cross_actor_hits"] > 0 or publishers == {
-        actor["actor_id"] for actor in per_actor.values()
-    }
+    publishers = {hit["value"]["actor"] for hit in hits}
+    assert publishers <= {actor["actor_id"] for actor in per_actor.values()}
     # Shared look-ups went over the cache actor's look-up link, from both nodes' actors.
     decisions = summary["prompt_decisions"]
     assert decisions["link_lookups"] == decisions["shared_lookups"] > 0 and decisions["link_failures"] == 0
