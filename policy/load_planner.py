@@ -6,7 +6,9 @@ low load a chain or a small tree does: SGLang's per-batch-size step tables and S
 same. `LoadPlanner` picks argmax B * tau / seconds over its candidates every step:
 
 - seconds come from a `LoadLatencyTable`: measured at start-up on this machine (`engine.load_timing`), cached on
-  disk per machine and model, interpolated in rows and width, and moved towards every step's measured time;
+  disk per machine and model, interpolated in rows and width, and moved towards every step's measured time; a
+  shape not used yet takes the correction of the nearest one used at the same row count, so a table measured on
+  a busier (or idler) day does not keep the planner from trying the shapes it overrates;
 - tau per tree is learned online from the rows' accepted lengths (a step of B rows gives B observations), with an
   optimism bonus that shrinks as a tree is tried. Chains share one model of how often each draft position is
   accepted, so a step with one chain tells what every chain would have gained. Plain decoding's tau is 1.
@@ -35,7 +37,7 @@ import numpy as np
 
 from engine.types import BatchState, BatchStepStats, TreeParams
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: interleaved passes, width 2 measured, verify non-decreasing in width
 # Plain decoding, chains, and two small trees: on a CPU the width a step verifies is what batching competes for.
 DEFAULT_CANDIDATES: tuple[TreeParams | None, ...] = (
     None,
@@ -86,6 +88,7 @@ class LoadLatencyTable:
     signature: dict = field(default_factory=dict)
     context: int = 0
     corrections: dict[tuple, float] = field(default_factory=dict)  # this run's: observed / table, per shape
+    observations: dict[tuple, int] = field(default_factory=dict)  # steps behind each correction
 
     @classmethod
     def from_measurements(cls, measured: dict, signature: dict | None = None) -> LoadLatencyTable:
@@ -109,14 +112,31 @@ class LoadLatencyTable:
 
     def verify_seconds(self, rows: int, num_tokens: int) -> float:
         measured = self._lookup(self.verify, rows, num_tokens)
-        return measured * self.corrections.get(("verify", rows, num_tokens), 1.0)
+        return measured * self.correction(("verify", rows, num_tokens))
 
     def draft_seconds(self, rows: int, params: TreeParams | None) -> float:
         if params is None:
             return 0.0
         base = self._lookup(self.draft_base, rows, params.top_k)
         measured = base + params.depth * self._lookup(self.draft_round, rows, params.top_k)
-        return measured * self.corrections.get(("draft", rows, params.depth, params.top_k), 1.0)
+        return measured * self.correction(("draft", rows, params.depth, params.top_k))
+
+    def correction(self, key: tuple) -> float:
+        """The factor between measured steps and the table for a shape: ("verify", rows, width) or ("draft",
+        rows, depth, top_k). A shape not observed yet borrows from the observed shapes of its kind and row
+        count: the nearest width (verify), or the nearest depth with its top_k, else with any (draft); ties
+        average. 1.0 when that row count has none."""
+        if key in self.corrections:
+            return self.corrections[key]
+        kind, rows = key[0], key[1]
+        observed = [k for k in self.corrections if k[0] == kind and k[1] == rows]
+        if kind == "draft":
+            observed = [k for k in observed if k[3] == key[3]] or observed
+        if not observed:
+            return 1.0
+        distance = {k: abs(k[2] - key[2]) for k in observed}
+        nearest = [self.corrections[k] for k in observed if distance[k] == min(distance.values())]
+        return sum(nearest) / len(nearest)
 
     def step_seconds(self, rows: int, params: TreeParams | None) -> float:
         return self.draft_seconds(rows, params) + self.verify_seconds(rows, width(params))
@@ -130,8 +150,10 @@ class LoadLatencyTable:
         num_tokens: int | None = None,
     ) -> None:
         """Move the estimates of the shapes this step used towards its measured seconds: a correction factor
-        per shape over the start-up table (an exponential average, weight 0.1), so that a shape the run uses
-        tracks its real cost (context growth, host work, a busy machine) and the others keep the table's.
+        per shape over the start-up table, so that a shape the run uses tracks its real cost (context growth,
+        host work, a busy machine) and the others borrow from it (`correction`). The factor starts from what
+        the shape borrowed, as one observation, and averages its steps: the n-th weighs 1 / (n + 1) until
+        that falls to 0.1, an exponential average from then on.
         num_tokens: tokens per row verified (default: the tree's width)."""
         verified = width(params) if num_tokens is None else num_tokens
         self._correct(("verify", rows, verified), self._lookup(self.verify, rows, verified), verify_seconds)
@@ -143,7 +165,10 @@ class LoadLatencyTable:
     def _correct(self, key: tuple, measured: float, observed: float) -> None:
         if measured <= 0 or observed <= 0:
             return
-        self.corrections[key] = 0.9 * self.corrections.get(key, 1.0) + 0.1 * observed / measured
+        seen = self.observations.get(key, 0) + 1
+        weight = max(1.0 / (seen + 1), 0.1)
+        self.corrections[key] = (1 - weight) * self.correction(key) + weight * observed / measured
+        self.observations[key] = seen
 
     # ---- the per-machine cache file -------------------------------------------------------------------------
 
@@ -231,6 +256,13 @@ class LoadPlanner:
     measured alpha. Wider trees keep their own running mean, starting from the chain of their depth.
     exploration: an optimism bonus in tokens, divided by sqrt(1 + observations / rows), so a tree is tried a
     few times and then judged by what it did.
+    cost_exploration: the same for seconds: a candidate run n times at this row count looks cheaper by the
+    factor 1 - cost_exploration / sqrt(1 + n), so a shape the start-up table overrates still gets tried, and
+    its measured steps then correct the table.
+    switch_margin: the tree of the last step keeps its place unless another candidate expects this much more
+    throughput. Switching has a cost the step timings do not show one by one: at 16 rows on the 2-core CPU,
+    alternating plain and 1/0/1 steps ran 67.0 tokens/s against 73.0 for plain and 72.5 for 1/0/1 alone, every
+    step of either kind slower after the other.
     """
 
     PRIOR_ALPHA = 0.5
@@ -241,12 +273,18 @@ class LoadPlanner:
         latency: LoadLatencyTable,
         candidates: Sequence[TreeParams | None] = DEFAULT_CANDIDATES,
         exploration: float = 0.3,
+        cost_exploration: float = 0.2,
+        switch_margin: float = 0.05,
     ) -> None:
         if None not in candidates:
             candidates = (None, *candidates)
         self.latency = latency
         self.candidates = tuple(candidates)
         self.exploration = exploration
+        self.cost_exploration = cost_exploration
+        self.switch_margin = switch_margin
+        self.last: TreeParams | None | str = "none yet"  # the last step's tree (None: plain)
+        self.runs: dict[tuple[int, TreeParams | None], int] = {}  # steps per (rows, candidate)
         self.acceptance = {params: _Acceptance() for params in self.candidates if params is not None}
         self.chains = _PositionAcceptance()  # every chain step's rows, per draft position
         self.branches = [  # per source and match length: `match_bucket`
@@ -296,13 +334,26 @@ class LoadPlanner:
         return min(tau, params.depth + 2.0)
 
     def throughput(self, params: TreeParams | None, rows: int, optimistic: bool = False) -> float:
-        return rows * self.expected_tau(params, rows, optimistic) / self.latency.step_seconds(rows, params)
+        seconds = self.latency.step_seconds(rows, params)
+        if optimistic:
+            seconds *= self._cost_optimism(rows, params)
+        return rows * self.expected_tau(params, rows, optimistic) / seconds
+
+    def _cost_optimism(self, rows: int, params: TreeParams | None) -> float:
+        return 1.0 - self.cost_exploration / math.sqrt(1.0 + self.runs.get((rows, params), 0))
+
+    def _stay(self, params: TreeParams | None) -> float:
+        return 1.0 + self.switch_margin if params == self.last else 1.0
 
     def decide(self, state: BatchState) -> TreeParams | None:
         rows = state.num_rows
-        best = max(self.candidates, key=lambda params: self.throughput(params, rows, optimistic=True))
+        best = max(
+            self.candidates,
+            key=lambda params: self.throughput(params, rows, optimistic=True) * self._stay(params),
+        )
         name = "plain" if best is None else best.compact
         self.chosen[name] = self.chosen.get(name, 0) + 1
+        self.last = best
         return best
 
     def branch_scores(self, match_length: int, length: int, source: str = "prompt") -> list[float]:
@@ -333,21 +384,26 @@ class LoadPlanner:
         for params in self.candidates:
             tau = self.expected_tau(params, rows, optimistic=True)
             draft_seconds = self.latency.draft_seconds(rows, params)
+            optimism = self._cost_optimism(rows, params) / self._stay(params)
             for budget in budgets:
                 expected = no_offer * tau
                 for available, bucket in buckets:
                     branch = 1.0 + gains[bucket][min(available, budget)] + (bonus[bucket] if budget else 0.0)
                     expected += max(tau, branch)
-                seconds = draft_seconds + self.latency.verify_seconds(rows, max(width(params), budget + 1))
+                seconds = optimism * (
+                    draft_seconds + self.latency.verify_seconds(rows, max(width(params), budget + 1))
+                )
                 if expected / seconds > best_value:
                     best, best_value = (params, budget), expected / seconds
         params, budget = best
         name = ("plain" if params is None else params.compact) + (f"+{budget}r" if budget else "")
         self.chosen[name] = self.chosen.get(name, 0) + 1
+        self.last = params
         return best
 
     def observe(self, stats: BatchStepStats) -> None:
         params = stats.tree_params
+        self.runs[(stats.num_rows, params)] = self.runs.get((stats.num_rows, params), 0) + 1
         if stats.draft_seconds or stats.verify_seconds:
             self.latency.observe(
                 stats.num_rows,
