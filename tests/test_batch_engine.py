@@ -387,11 +387,16 @@ def test_latency_table_interpolates_and_round_trips(tmp_path) -> None:
     assert LoadLatencyTable.load(str(tmp_path / "missing.json"), {}) is None
 
 
-def test_observed_steps_correct_the_shapes_they_used_only() -> None:
+def test_observed_steps_correct_their_row_count_and_leave_the_others() -> None:
     table = _table(0.004)
     before_plain, before_wide = table.verify_seconds(15, 1), table.verify_seconds(15, 7)
+    other_rows = table.verify_seconds(8, 7)
     for _ in range(50):  # plain steps of 15 rows that take twice what the table says
         table.observe(15, None, 0.0, 2 * before_plain)
     assert table.verify_seconds(15, 1) == pytest.approx(2 * before_plain, rel=0.02)
-    assert table.verify_seconds(15, 7) == pytest.approx(before_wide)  # not measured at 15 rows: unchanged
+    # Width 7 was not run at 15 rows: it borrows width 1's factor, so the two keep the table's ratio ...
+    assert table.verify_seconds(15, 7) == pytest.approx(2 * before_wide, rel=0.02)
+    assert table.verify_seconds(8, 7) == pytest.approx(
+        other_rows
+    )  # ... and another row count keeps the table's
     assert table.verify_seconds(15, 7) > table.verify_seconds(15, 1) / 2
