@@ -51,10 +51,7 @@ def aggregate_actor_stats(per_actor: dict[str, ActorStats]) -> dict:
             "num_threads": stats.num_threads,
             "device": stats.device,
             "node_id": stats.node_id,
-            # This actor's use of the cluster-wide decision cache: look-ups it sent there, trees it published.
-            "shared_lookups": stats.decisions.shared_lookups if stats.decisions is not None else 0,
-            "decisions_published": stats.decisions.published if stats.decisions is not None else 0,
-            "cross_actor_hits": stats.decisions.cross_actor_hits if stats.decisions is not None else 0,
+            **shared_cache_use(stats.decisions or DecisionCounters()),
         }
         for reporter, stats in sorted(per_actor.items())
     }
@@ -119,6 +116,16 @@ def format_cross_request_drafts(summary: dict) -> list[str]:
         f"calls to the cache actor (those rows drafted local-only)",
     ]
     return lines
+
+
+def shared_cache_use(decisions: DecisionCounters) -> dict:
+    """One actor's use of the cluster-wide decision cache: look-ups it sent there, trees it published, and hits
+    on entries another actor published."""
+    return {
+        "shared_lookups": decisions.shared_lookups,
+        "decisions_published": decisions.published,
+        "cross_actor_hits": decisions.cross_actor_hits,
+    }
 
 
 def combine_decisions(decisions: list[DecisionCounters]) -> dict:
