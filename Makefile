@@ -80,8 +80,11 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/codespell
 
+# Two pytest-xdist workers, a test file each at a time (a file's tests share its local Ray): most tests run one
+# torch thread and jobs wait on Ray and subprocesses, so two workers use both cores. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) outputs

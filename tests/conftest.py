@@ -25,6 +25,18 @@ from engine.draft_head import DraftHead
 from engine.target import TargetModel
 from training.train_draft import DraftTrainConfig, collect_features, train_head
 
+# `make test` runs the suite in two pytest-xdist workers, each with its own local Ray. Ray finds "the cluster on
+# this machine" through <RAY_TMPDIR>/ray_current_cluster, written by `ray start` and by `cluster_utils.Cluster`:
+# with one shared temp folder, a worker's `ray.init()` (and every job or server it starts) would join the other
+# worker's cluster while that one runs. So each worker gets a folder of its own (children inherit it), and an
+# address a killed earlier run left there is dropped, since `ray.init(num_cpus=...)` would try to join it.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+RAY_TEMP_DIR = os.path.join(tempfile.gettempdir(), f"eagleray-test-ray-{WORKER}")
+os.environ["RAY_TMPDIR"] = RAY_TEMP_DIR
+os.makedirs(RAY_TEMP_DIR, exist_ok=True)
+if os.path.exists(os.path.join(RAY_TEMP_DIR, "ray_current_cluster")):
+    os.remove(os.path.join(RAY_TEMP_DIR, "ray_current_cluster"))
+
 # One intra-op thread: these models are tiny, and on the shared two-core machine two OpenMP threads that spin
 # against other work made the same tests 10-80x slower (measured: 1.1 s vs 93 s for 20 speculative generations).
 torch.set_num_threads(1)
@@ -138,12 +150,23 @@ def prompt_factory() -> Callable[..., list[list[int]]]:
 
 @pytest.fixture(scope="session")
 def tiny_demo(tmp_path_factory) -> str:
-    """The tiny demo build (tokenizer, target, draft head, policy, prompts) in a temporary folder: ~30 s."""
+    """The tiny demo build (tokenizer, target, draft head, policy, prompts) in a temporary folder: ~30-70 s. Under
+    pytest-xdist the first worker that needs it builds it, in the run's folder, and the others wait and share it."""
+    from filelock import FileLock
+
     from jobs.demo import build_all
 
-    root = str(tmp_path_factory.mktemp("demo"))
-    build_all("tiny", root, progress=False)
-    return root
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        root = str(tmp_path_factory.mktemp("demo"))
+        build_all("tiny", root, progress=False)
+        return root
+    shared = tmp_path_factory.getbasetemp().parent / "tiny-demo"
+    built = shared / ".built"
+    with FileLock(str(shared) + ".lock"):
+        if not built.exists():
+            build_all("tiny", str(shared), progress=False)
+            built.touch()
+    return str(shared)
 
 
 # The tiny demo tokenizer's special tokens are <s> (0), </s> (1, its eos) and <pad> (2): the template marks turns

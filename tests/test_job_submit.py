@@ -7,7 +7,9 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -26,17 +28,19 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """A head node started with the `ray` CLI; stopped (with every Ray process on the machine) afterwards."""
+    """A head node started with the `ray` CLI in a temp folder of its own; its processes killed afterwards."""
     if ray.is_initialized():
-        ray.shutdown()  # `ray stop` below would kill the test process's local Ray anyway
+        ray.shutdown()  # the module's jobs go to the head, and this process needs no Ray of its own meanwhile
     env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]}
     env.pop("RAY_ADDRESS", None)
     env["RAY_AUTH_MODE"] = "token"  # token authentication on, for the head and for the job client
     ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
     subprocess.run([ray_cli, "get-auth-token", "--generate"], check=True, env=env, capture_output=True)
-    dashboard_port = free_port()
+    dashboard_port, gcs_port = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="ray-head-")
     subprocess.run(
-        [ray_cli, "start", "--head", f"--port={free_port()}", f"--dashboard-port={dashboard_port}"]
+        [ray_cli, "start", "--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}"]
+        + [f"--temp-dir={temp_dir}", f"--dashboard-agent-listen-port={free_port()}"]  # not the default 52365
         + ["--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats"],
         check=True,
         env=env,
@@ -44,7 +48,28 @@ def ray_head():
         timeout=120,
     )
     yield env, ray_cli, f"http://127.0.0.1:{dashboard_port}"
-    subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    stop_cluster(temp_dir, gcs_port)
+
+
+def stop_cluster(temp_dir: str, gcs_port: int) -> None:
+    """Kill one `ray start` cluster: every process naming its temp folder or GCS port, and their descendants (the
+    workers and agents under its raylet). `ray stop` would kill every Ray on the machine, the other pytest-xdist
+    worker's included (whose driver then dies with it)."""
+    marks = (temp_dir, f":{gcs_port}")
+    found: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        if process.pid != os.getpid() and any(m in " ".join(process.info["cmdline"] or ()) for m in marks):
+            found[process.pid] = process
+            try:
+                found.update((child.pid, child) for child in process.children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+    for process in found.values():
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(list(found.values()), timeout=30)
 
 
 def test_ray_job_submit_runs_the_job(ray_head, tiny_demo, tmp_path):
