@@ -25,7 +25,7 @@ from engine.draft_head import DraftHead
 from engine.target import TargetModel
 from training.train_draft import DraftTrainConfig, collect_features, train_head
 
-# `make test` runs the suite in two pytest-xdist workers, each with its own local Ray. Ray finds "the cluster on
+# With TEST_WORKERS=N (pytest-xdist) each worker runs its own local Ray. Ray finds "the cluster on
 # this machine" through <RAY_TMPDIR>/ray_current_cluster, written by `ray start` and by `cluster_utils.Cluster`:
 # with one shared temp folder, a worker's `ray.init()` (and every job or server it starts) would join the other
 # worker's cluster while that one runs. So each worker gets a folder of its own (children inherit it), and an
