@@ -7,6 +7,7 @@ head is fitted for a fixed number of epochs (about a second on two cores) with t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
@@ -34,7 +35,7 @@ WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
 RAY_TEMP_DIR = os.path.join(tempfile.gettempdir(), f"eagleray-test-ray-{WORKER}")
 os.environ["RAY_TMPDIR"] = RAY_TEMP_DIR
 os.makedirs(RAY_TEMP_DIR, exist_ok=True)
-if os.path.exists(os.path.join(RAY_TEMP_DIR, "ray_current_cluster")):
+with contextlib.suppress(FileNotFoundError):
     os.remove(os.path.join(RAY_TEMP_DIR, "ray_current_cluster"))
 
 # One intra-op thread: these models are tiny, and on the shared two-core machine two OpenMP threads that spin

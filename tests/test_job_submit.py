@@ -3,7 +3,9 @@ authentication left at Ray's default), with the runtime_env the repository ships
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -60,16 +62,13 @@ def stop_cluster(temp_dir: str, gcs_port: int) -> None:
     for process in psutil.process_iter(["cmdline"]):
         if process.pid != os.getpid() and any(m in " ".join(process.info["cmdline"] or ()) for m in marks):
             found[process.pid] = process
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):  # it may end while being looked at
                 found.update((child.pid, child) for child in process.children(recursive=True))
-            except psutil.NoSuchProcess:
-                pass
     for process in found.values():
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
-        except psutil.NoSuchProcess:
-            pass
     psutil.wait_procs(list(found.values()), timeout=30)
+    shutil.rmtree(temp_dir, ignore_errors=True)  # its session logs
 
 
 def test_ray_job_submit_runs_the_job(ray_head, tiny_demo, tmp_path):
