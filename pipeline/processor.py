@@ -1,6 +1,6 @@
 """eagleray inside any Ray Data pipeline: `build_processor(config, preprocess, postprocess)(dataset) -> dataset`.
 
-    [preprocess: map] -> validate rows (tasks) -> map_batches(GenerationActor, ActorPoolStrategy) -> [postprocess]
+    [preprocess: map] -> validate rows (tasks) -> map_batches(GenerationStage, ActorPoolStrategy) -> [postprocess]
 
 The shape of Ray Data LLM's processors. A row carries `messages` (a list of {role, content}) or a `prompt`, and
 optionally its own `sampling_params` (max_tokens, temperature, top_p, top_k, seed, stop; see `pipeline.rows`);
@@ -27,7 +27,7 @@ import ray
 from ray.data import ActorPoolStrategy, Dataset
 
 from actors.context_cache import get_or_create_context_cache
-from actors.generation import GenerationActor
+from actors.generation_stage import GenerationStage
 from actors.stats import ActorStats
 from actors.stats_collector import create_stats_collector
 from common.columns import ERROR_COLUMN
@@ -87,7 +87,7 @@ class Processor:
     cpu_reserve: CPUs the actors leave to the dataset's other stages when config.cpus_per_actor is not given
         (`pipeline.resources`): a whole one for a user's stages by default; the job, whose stages are light,
         leaves less.
-    actor_kwargs: passed to GenerationActor (tests inject hooks this way)."""
+    actor_kwargs: passed to GenerationActor, through GenerationStage (tests inject hooks this way)."""
 
     def __init__(
         self,
@@ -163,7 +163,7 @@ class Processor:
             validate_batch, fn_kwargs={"config": config}, batch_format="pyarrow", num_cpus=IO_TASK_CPUS
         )
         dataset = dataset.map_batches(
-            GenerationActor,
+            GenerationStage,
             fn_constructor_kwargs={
                 "config": config,
                 "cache": self.cache,

@@ -37,7 +37,7 @@ def job_argv(tiny_demo: str, input_path, output, *extra: str) -> list[str]:
 def test_ctrl_c_says_what_is_written_and_a_second_driver_is_turned_away(
     local_ray, tiny_demo, tmp_path, capsys
 ):
-    num_rows = 160  # enough work that the driver still runs when its first result file appears
+    num_rows = 64  # enough work (3072 tokens, ~20 s here) that the driver still runs when its first file appears
     write_prompts(tiny_demo, tmp_path / "in.parquet", num_rows)
     output = tmp_path / "out"
     argv = job_argv(

@@ -8,6 +8,8 @@ arrow that runs the wrong way.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +109,14 @@ def test_the_scanner_sees_imports_inside_functions(tmp_path):
     source.write_text("def f():\n    from engine import draft\n    import ray.data\n")
     modules = {module for _, module in imported_modules(source)}
     assert {"engine", "engine.draft", "ray.data"} <= modules
+
+
+def test_the_job_driver_starts_without_the_engine():
+    """A job's driver (the command line and the pipeline it builds) never imports torch or transformers: only the
+    actors need them, and importing them took the driver about 8 s on two cores before it could start Ray."""
+    code = (
+        "import sys, jobs.generate, pipeline.build; "
+        "print(sorted(m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules))"
+    )
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert process.stdout.strip() == "[]", process.stdout + process.stderr
