@@ -1,5 +1,6 @@
-"""A running job as a user meets it, on a local Ray with the tiny demo models: Ctrl-C, a second driver on the
-same output folder, and what the driver's log shows when it is not a terminal (a Ray job's log, a pipe)."""
+"""A running job as a user meets it, on a local Ray with the tiny demo models: Ctrl-C, a killed driver, a second
+driver on the same output folder, and what the driver's log shows when it is not a terminal (a Ray job's log, a
+pipe)."""
 
 from __future__ import annotations
 
@@ -34,11 +35,18 @@ def job_argv(tiny_demo: str, input_path, output, *extra: str) -> list[str]:
     return [*argv, "--draft", paths["draft"], *extra]
 
 
-def test_ctrl_c_says_what_is_written_and_a_second_driver_is_turned_away(
+def test_ctrl_c_then_a_killed_driver_and_the_third_run_writes_the_rest_once(
     local_ray, tiny_demo, tmp_path, capsys
 ):
-    num_rows = 64  # enough work (3072 tokens, ~20 s here) that the driver still runs when its first file appears
-    write_prompts(tiny_demo, tmp_path / "in.parquet", num_rows)
+    """One job interrupted the two ways users interrupt jobs: Ctrl-C (the driver says what is safely written and
+    releases its lock), then SIGKILL of the rerun (no goodbye, its lock left behind); a third run writes the
+    rest, every row exactly once. A second driver on the output while the first runs is turned away before it
+    touches anything. The input has no id column, so the ids are Ray Data's row hashes, the case that must come
+    out the same on every read of the files."""
+    num_rows = (
+        64  # enough work (3072 tokens, ~20 s here) that a driver still runs when its first file appears
+    )
+    prompts = write_prompts(tiny_demo, tmp_path / "in.parquet", num_rows, with_ids=False)
     output = tmp_path / "out"
     argv = job_argv(
         tiny_demo, tmp_path / "in.parquet", output, "--policy", "static", "--max-new-tokens", "48"
@@ -75,16 +83,37 @@ def test_ctrl_c_says_what_is_written_and_a_second_driver_is_turned_away(
         lines[0],
     )
     assert said, lines[0]
-    assert written_before <= int(said[1]) <= count_written_rows(str(output)) < num_rows
+    interrupted_with = count_written_rows(str(output))
+    assert written_before <= int(said[1]) <= interrupted_with < num_rows
     assert not (output / LOCK_NAME).exists()  # released on the way out
+
     rerun = run_job_process(argv)
-    log, _ = rerun.communicate(timeout=WAIT_S)
-    assert rerun.returncode == 0, log
+    try:
+        wait_for(
+            lambda: count_written_rows(str(output)) > interrupted_with or rerun.poll() is not None,
+            "the rerun's first result file",
+        )
+        assert rerun.poll() is None, f"the rerun ended before it could be killed:\n{rerun.stdout.read()}"
+        rerun.send_signal(signal.SIGKILL)
+    finally:
+        rerun.wait(60)
+    assert interrupted_with < count_written_rows(str(output)) < num_rows
+
+    final = run_job_process(argv)
+    log, _ = final.communicate(timeout=WAIT_S)
+    assert final.returncode == 0, log
     assert "resuming" in log
     table = pq.read_table(str(output))
     ids = table.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == num_rows
+    assert sorted(table.column("prompt").to_pylist()) == sorted(prompts)
     assert table.column(ERROR_COLUMN).null_count == num_rows
+    # Each row's id is the hash a fresh read of the same file gives it now, so any later run numbers the rows
+    # the same way (the reruns above showed it only for the rows written before them).
+    reread = ray.data.read_parquet(str(tmp_path / "in.parquet"), include_row_hash=True).to_pandas()
+    assert dict(zip(reread["prompt"], reread["row_hash"].tolist(), strict=True)) == dict(
+        zip(table.column("prompt").to_pylist(), ids, strict=True)
+    )
 
 
 def test_the_log_has_no_alarming_noise_and_no_bar_fragments(local_ray, tiny_demo, tmp_path):

@@ -118,5 +118,7 @@ def test_the_job_driver_starts_without_the_engine():
         "import sys, jobs.generate, pipeline.build; "
         "print(sorted(m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules))"
     )
-    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    process = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True
+    )
     assert process.stdout.strip() == "[]", process.stdout + process.stderr

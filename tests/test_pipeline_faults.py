@@ -1,6 +1,7 @@
 """Faults injected for real into a running job on a local Ray, with the tiny demo models: a generation actor's
-process killed (`os.kill`), the shared cache actor's process killed, and the driver killed; then a rerun
-resumes. Each test checks that every input id comes out exactly once."""
+process killed (`os.kill`), the shared cache actor's process killed (for a restart, or for good), the stats
+collector killed. Each test checks that every input id comes out exactly once. A killed driver, and the rerun
+that resumes, is in test_job_interrupts.py."""
 
 from __future__ import annotations
 
@@ -208,45 +209,6 @@ def run_job_process(argv: list[str]) -> subprocess.Popen:
         stderr=subprocess.STDOUT,
         text=True,
         preexec_fn=_default_sigint,
-    )
-
-
-def test_a_killed_driver_resumes_without_duplicates_or_gaps(local_ray, tiny_demo, tmp_path):
-    """The driver SIGKILLed mid-job, on an input without ids (so the ids are Ray Data's row hashes, the case
-    that must come out the same on every read); the rerun writes the rest. The Ctrl-C test covers an interrupted
-    driver on an input with an id column."""
-    # Enough work that the driver is still running when the first result file appears (with 32 rows of 16 tokens
-    # a fast run once wrote every row before the kill).
-    num_rows = 64
-    prompts = write_prompts(tiny_demo, tmp_path / "in.parquet", num_rows, with_ids=False)
-    paths = demo_paths(tiny_demo)
-    output = tmp_path / "out"
-    argv = ["--input", str(tmp_path / "in.parquet"), "--output", str(output), "--model", paths["target"]]
-    argv += ["--draft", paths["draft"], "--policy", "static", "--max-new-tokens", "32", "--batch-size", "2"]
-    argv += ["--no-progress"]
-    driver = run_job_process(argv)
-    try:
-        wait_for(lambda: list_result_files_local(output) or driver.poll() is not None, "a first result file")
-        assert driver.poll() is None, f"the job ended before it could be killed:\n{driver.stdout.read()}"
-        driver.send_signal(signal.SIGKILL)
-    finally:
-        driver.wait(60)
-    written_before = pq.read_table(str(output)).num_rows if list_result_files_local(output) else 0
-    assert 0 < written_before < num_rows
-    rerun = run_job_process(argv)
-    log, _ = rerun.communicate(timeout=WAIT_S)
-    assert rerun.returncode == 0, log
-    assert "resuming" in log
-    table = pq.read_table(str(output))
-    ids = table.column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == num_rows
-    assert sorted(table.column("prompt").to_pylist()) == sorted(prompts)
-    assert table.column(ERROR_COLUMN).null_count == num_rows
-    # Each row's id is the hash a fresh read of the same file gives it now, so a third run would number the rows
-    # the same way (the rerun above only showed it for the rows written before the kill).
-    reread = ray.data.read_parquet(str(tmp_path / "in.parquet"), include_row_hash=True).to_pandas()
-    assert dict(zip(reread["prompt"], reread["row_hash"].tolist(), strict=True)) == dict(
-        zip(table.column("prompt").to_pylist(), ids, strict=True)
     )
 
 
