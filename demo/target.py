@@ -256,8 +256,10 @@ def train_step(
     input_ids: torch.Tensor,
     label_ids: torch.Tensor,
     config: TargetTrainConfig,
+    precision: str,
 ) -> float:
-    with autocast(resolve_precision(config.precision, input_ids.device), input_ids.device):
+    """One optimiser step; precision: "bf16" or "fp32", as `resolve_precision` settled it once for the run."""
+    with autocast(precision, input_ids.device):
         loss = next_token_loss(model, input_ids, label_ids)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -315,6 +317,7 @@ def _train_target(
     torch.manual_seed(config.seed)
     model = build_target_model(config, tokenizer)
     model.train()
+    precision = resolve_precision(config.precision, train_ids.device)
     optimizer = make_optimizer(model, config)
     generator = torch.Generator().manual_seed(config.seed)
     eval_windows = evaluation_windows(heldout_ids, config.num_eval_windows, config.seq_len)
@@ -327,7 +330,7 @@ def _train_target(
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(config, len(losses), elapsed_s)
         input_ids, label_ids = sample_batch(train_ids, config.batch_size, config.seq_len, generator)
-        losses.append(train_step(model, optimizer, input_ids, label_ids, config))
+        losses.append(train_step(model, optimizer, input_ids, label_ids, config, precision))
         elapsed_s = time.perf_counter() - start_time
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}", tok_s=f"{len(losses) * tokens_per_step / elapsed_s:.0f}")
@@ -345,7 +348,7 @@ def _train_target(
         heldout_loss=heldout_loss,
         heldout_top1_accuracy=heldout_accuracy,
         tokens_per_second=num_train_tokens / elapsed_s,
-        precision=resolve_precision(config.precision, train_ids.device),
+        precision=precision,
     )
 
 
