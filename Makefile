@@ -80,12 +80,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/codespell
 
-# TEST_WORKERS=N runs the suite in N pytest-xdist workers, a test file each at a time (a file's tests share its
-# local Ray), for machines with cores to spare. The default, 0, runs it in one process: on the 2-core CI machine two
-# workers measured no faster (1301 s against 1218 s in one process, the same day), the job tests contend for CPU.
-TEST_WORKERS ?= 0
+# The suite runs in TEST_WORKERS pytest-xdist workers (default 2; 0 runs it in one process). The tests that start
+# Ray (marked `starts_ray`: a local cluster, jobs, servers) all run in one worker, in file order; the other files
+# (engine, training, sampling: one torch thread each) run beside them in the other worker, on the core the Ray
+# tests leave idle (tests/conftest.py, pytest_collection_modifyitems).
+TEST_WORKERS ?= 2
 test: lint
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 clean:
 	rm -rf $(VENV) outputs

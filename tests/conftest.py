@@ -208,3 +208,29 @@ def local_ray():
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
+
+
+def _starts_ray(path: str, cache: dict[str, bool] = {}) -> bool:  # noqa: B006 - a cache on purpose
+    if path not in cache:
+        try:
+            with open(path) as f:
+                cache[path] = "pytestmark = pytest.mark.starts_ray" in f.read()
+        except OSError:
+            cache[path] = False
+    return cache[path]
+
+
+@pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown when it is not loaded
+def pytest_xdist_make_scheduler(config, log):
+    """How `make test`'s pytest-xdist workers share the files: every file marked `starts_ray` (its module's
+    `pytestmark`) runs in one worker, in file order, as in a single process (one local Ray at a time; the tests
+    that kill Ray processes or time a job never beside another job); every other file goes whole to whichever
+    worker is free, so its fixtures are built once."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class RayTestsTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "ray" if _starts_ray(os.path.join(str(config.rootpath), path)) else path
+
+    return RayTestsTogether(config, log)

@@ -18,6 +18,8 @@ from actors.stats_collector import StatsCollector, create_stats_collector, find_
 from pipeline.summary import aggregate_actor_stats
 from policy.stats import OptimizationStats
 
+pytestmark = pytest.mark.starts_ray
+
 
 def actor_stats(actor_id: str, pid: int, rows_ok: int, **extra) -> ActorStats:
     totals = GenerationTotals(

@@ -16,6 +16,8 @@ import ray
 
 from actors.context_cache import get_or_create_context_cache, shutdown_context_cache
 
+pytestmark = pytest.mark.starts_ray
+
 DIM = 8
 VECTORS = np.eye(DIM, dtype=np.float32)  # [8, 8] pairwise orthogonal contexts
 

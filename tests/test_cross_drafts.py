@@ -24,6 +24,8 @@ from engine.types import BatchState, BatchStepStats, SamplingParams, StaticContr
 from policy.load_planner import LoadLatencyTable, LoadPlanner
 from policy.output_store import OutputStore, read_store, write_store
 
+pytestmark = pytest.mark.starts_ray
+
 # ---- the token index --------------------------------------------------------------------------------------
 
 

@@ -43,6 +43,8 @@ from pipeline.rows import (
     validate_rows,
 )
 
+pytestmark = pytest.mark.starts_ray
+
 INT64_MIN, INT64_MAX, UINT64_MAX = -(2**63), 2**63 - 1, 2**64 - 1
 CHARACTERS = st.characters(exclude_categories=("Cs",))
 # Characters str.strip() removes: a prompt of only these is blank. "\u200b" (zero-width space) is not one of them.

@@ -177,14 +177,15 @@ def test_row_limits_give_named_errors_and_spare_the_other_rows(actor_config, tin
             # join after it start their clocks later; rows already decoding would count the wait too.)
             import time
 
-            time.sleep(1.2)
+            time.sleep(3.2)
 
-    # 1 s: well above what 40 tokens take on the tiny demo, so only the slowed row runs past it.
-    actor = GenerationActor({**config, "row_timeout_s": 1.0}, before_request=slow_first)
+    # 3 s: well above what 40 tokens take on the tiny demo (1 s was not, once, beside the other test worker's
+    # jobs: 23 tokens in 1.0 s), so only the slowed row runs past it.
+    actor = GenerationActor({**config, "row_timeout_s": 3.0}, before_request=slow_first)
     prompts = ["def f(x):", "x " * 40, "import os"]
     out = actor(validate_rows(pa.table({"id": [1, 2, 3], "prompt": prompts}), GenerateConfig(**config)))
     errors = out.column(ERROR_COLUMN).to_pylist()
-    assert errors[0].startswith("GenerationTimeout: over the 1 s limit")
+    assert errors[0].startswith("GenerationTimeout: over the 3 s limit")
     assert "above max_prompt_tokens=6" in errors[1]
     assert errors[2] is None
     assert out.column("generated_text").to_pylist()[2] is not None

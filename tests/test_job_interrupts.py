@@ -28,6 +28,8 @@ from jobs import generate
 from pipeline.lock import LOCK_NAME
 from pipeline.resume import count_written_rows
 
+pytestmark = pytest.mark.starts_ray
+
 
 def job_argv(tiny_demo: str, input_path, output, *extra: str) -> list[str]:
     paths = demo_paths(tiny_demo)

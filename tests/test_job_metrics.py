@@ -18,6 +18,8 @@ from common.columns import ERROR_COLUMN
 from demo.build import demo_paths
 from jobs import generate
 
+pytestmark = pytest.mark.starts_ray
+
 SERIES = re.compile(r"^(ray_eagleray_\w+)\{(.*)\} (\S+)$")
 
 

@@ -19,6 +19,8 @@ import ray
 
 from demo.build import demo_paths
 
+pytestmark = pytest.mark.starts_ray
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

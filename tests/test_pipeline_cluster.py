@@ -19,6 +19,8 @@ from demo.build import demo_paths
 from pipeline.build import run_generate
 from policy.embedding import load_minilm_batch_encoder
 
+pytestmark = pytest.mark.starts_ray
+
 
 @pytest.fixture(scope="module")
 def two_node_cluster():

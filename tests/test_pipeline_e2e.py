@@ -21,6 +21,8 @@ from engine.ea_model import EaModel
 from jobs import generate
 from pipeline.build import STATS_NAME, run_generate
 
+pytestmark = pytest.mark.starts_ray
+
 MAX_NEW_TOKENS = 12
 
 

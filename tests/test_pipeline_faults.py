@@ -16,6 +16,7 @@ import uuid
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import ray
 
 from actors.stats import ActorStats
@@ -25,6 +26,8 @@ from common.config import GenerateConfig
 from demo.build import demo_paths
 from pipeline.build import run_generate
 from pipeline.resume import list_result_files
+
+pytestmark = pytest.mark.starts_ray
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WAIT_S = 240.0

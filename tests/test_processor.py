@@ -20,6 +20,8 @@ from pipeline.build import run_generate
 from pipeline.checks import ModelCheckError
 from pipeline.processor import build_processor
 
+pytestmark = pytest.mark.starts_ray
+
 # Ray's workers cannot import this test module, so its row functions travel by value (as a user's script's do).
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 

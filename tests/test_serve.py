@@ -31,6 +31,8 @@ from common.config import GenerateConfig, ServeConfig
 from demo.build import demo_paths
 from pipeline.rows import validate_rows
 
+pytestmark = pytest.mark.starts_ray
+
 REPO = Path(__file__).resolve().parents[1]
 CHATS = [
     [{"role": "user", "content": "def add(a, b):"}],
