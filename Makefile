@@ -82,8 +82,8 @@ lint: $(STAMP)
 
 # The suite runs in TEST_WORKERS pytest-xdist workers (default 2; 0 runs it in one process). The tests that start
 # Ray (marked `starts_ray`: a local cluster, jobs, servers) all run in one worker, in file order; the other files
-# (engine, training, sampling: one torch thread each) run beside them in the other worker, on the core the Ray
-# tests leave idle (tests/conftest.py, pytest_collection_modifyitems).
+# (engine, training, sampling: one torch thread each) run beside them in the other worker (tests/conftest.py,
+# pytest_xdist_make_scheduler).
 TEST_WORKERS ?= 2
 test: lint
 	$(PY) -m pytest -q -n $(TEST_WORKERS)

@@ -214,7 +214,7 @@ def _starts_ray(path: str, cache: dict[str, bool] = {}) -> bool:  # noqa: B006 -
     if path not in cache:
         try:
             with open(path) as f:
-                cache[path] = "pytestmark = pytest.mark.starts_ray\n" in f.read()
+                cache[path] = "pytestmark = pytest.mark.starts_ray" in f.read()
         except OSError:
             cache[path] = False
     return cache[path]
@@ -225,8 +225,7 @@ def pytest_xdist_make_scheduler(config, log):
     """How `make test`'s pytest-xdist workers share the files: every file marked `starts_ray` (its module's
     `pytestmark`) runs in one worker, in file order, as in a single process (one local Ray at a time; the tests
     that kill Ray processes or time a job never beside another job); every other file goes whole to whichever
-    worker is free, so its fixtures are built once. That includes the files marked `starts_ray(own_cluster=True)`,
-    whose Ray (the server tests' local one, a `ray start --head`) is a cluster of their own, under their worker's RAY_TMPDIR."""
+    worker is free, so its fixtures are built once."""
     from xdist.scheduler import LoadScopeScheduling
 
     class RayTestsTogether(LoadScopeScheduling):

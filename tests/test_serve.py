@@ -31,7 +31,7 @@ from common.config import GenerateConfig, ServeConfig
 from demo.build import demo_paths
 from pipeline.rows import validate_rows
 
-pytestmark = pytest.mark.starts_ray(own_cluster=True)
+pytestmark = pytest.mark.starts_ray
 
 REPO = Path(__file__).resolve().parents[1]
 CHATS = [
