@@ -8,6 +8,7 @@ head is fitted for a fixed number of epochs (about a second on two cores) with t
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 
@@ -210,14 +211,14 @@ def local_ray():
     yield ray
 
 
-def _starts_ray(path: str, cache: dict[str, bool] = {}) -> bool:  # noqa: B006 - a cache on purpose
-    if path not in cache:
-        try:
-            with open(path) as f:
-                cache[path] = "pytestmark = pytest.mark.starts_ray" in f.read()
-        except OSError:
-            cache[path] = False
-    return cache[path]
+@functools.cache
+def _starts_ray(path: str) -> bool:
+    """Whether the test file at `path` is marked `starts_ray` at module level (the scheduler sees node ids only)."""
+    try:
+        with open(path) as f:
+            return "pytestmark = pytest.mark.starts_ray" in f.read()
+    except OSError:
+        return False
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown when it is not loaded
