@@ -19,7 +19,7 @@ import ray
 
 from demo.build import demo_paths
 
-pytestmark = pytest.mark.starts_ray
+pytestmark = pytest.mark.starts_ray(own_cluster=True)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
