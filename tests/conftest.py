@@ -212,15 +212,13 @@ def local_ray():
 
 
 @functools.cache
-def _in_the_ray_group(path: str) -> bool:
-    """Whether the test file at `path` is marked `starts_ray` at module level without `own_cluster=True` (the
-    scheduler sees node ids only, so it reads the module's `pytestmark` line)."""
+def _starts_ray(path: str) -> bool:
+    """Whether the test file at `path` is marked `starts_ray` at module level (the scheduler sees node ids only)."""
     try:
         with open(path) as f:
-            text = f.read()
+            return "pytestmark = pytest.mark.starts_ray" in f.read()
     except OSError:
         return False
-    return "pytestmark = pytest.mark.starts_ray\n" in text
 
 
 @pytest.hookimpl(optionalhook=True)  # a hook of pytest-xdist: unknown when it is not loaded
@@ -228,15 +226,12 @@ def pytest_xdist_make_scheduler(config, log):
     """How `make test`'s pytest-xdist workers share the files: every file marked `starts_ray` (its module's
     `pytestmark`) runs in one worker, in file order, as in a single process (one local Ray at a time; the tests
     that kill Ray processes or time a job never beside another job); every other file goes whole to whichever
-    worker is free, so its fixtures are built once. That includes the files marked `starts_ray(own_cluster=True)`:
-    their Ray is a cluster of their own (a `ray start --head`, a simulated two-node cluster) under their worker's
-    RAY_TMPDIR, so they run beside the group and take a share of its time (the group alone was the suite's long
-    pole: 935 s of its 964 s, the other worker done after 607 s)."""
+    worker is free, so its fixtures are built once."""
     from xdist.scheduler import LoadScopeScheduling
 
     class RayTestsTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             path = nodeid.split("::", 1)[0]
-            return "ray" if _in_the_ray_group(os.path.join(str(config.rootpath), path)) else path
+            return "ray" if _starts_ray(os.path.join(str(config.rootpath), path)) else path
 
     return RayTestsTogether(config, log)

@@ -19,7 +19,7 @@ import ray
 
 from demo.build import demo_paths
 
-pytestmark = pytest.mark.starts_ray(own_cluster=True)
+pytestmark = pytest.mark.starts_ray
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

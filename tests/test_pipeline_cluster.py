@@ -19,7 +19,7 @@ from demo.build import demo_paths
 from pipeline.build import run_generate
 from policy.embedding import load_minilm_batch_encoder
 
-pytestmark = pytest.mark.starts_ray(own_cluster=True)
+pytestmark = pytest.mark.starts_ray
 
 
 @pytest.fixture(scope="module")
